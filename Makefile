@@ -1,0 +1,44 @@
+# Two commands: `make demo` (the main job on real data) and `make test` (the whole suite).
+# Both create or reuse .venv and install what they need; nothing downloads weights or data.
+PYTHON ?= python3
+VENV := .venv
+PY := $(VENV)/bin/python
+STAMP := $(VENV)/.installed
+FASHION := /usr/share/datasets/fashion-mnist
+
+.PHONY: demo test test-slow setup data bench clean
+
+setup: $(STAMP)
+
+$(STAMP): pyproject.toml
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+	$(PY) -m pip install -q torch==2.14.1 torchvision==0.29.1
+	$(PY) -m pip install -q -e '.[dev]'
+	touch $(STAMP)
+
+# Fashion-MNIST from Debian's dataset-fashion-mnist package, where this machine allows it.
+data:
+	@if [ ! -d $(FASHION) ]; then \
+	  if [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null; then \
+	    (apt-get install -y -q dataset-fashion-mnist >/dev/null 2>&1 || \
+	     (apt-get update -q >/dev/null 2>&1 && apt-get install -y -q dataset-fashion-mnist >/dev/null 2>&1)) || \
+	    echo "note: could not install dataset-fashion-mnist; pass DATA=<torchvision root>"; \
+	  else echo "note: $(FASHION) is missing; run 'sudo apt-get install dataset-fashion-mnist' or pass DATA=<root>"; fi; \
+	fi
+
+DATA ?=
+demo: setup data
+	$(PY) -m classification demo --out out/demo $(if $(DATA),--data $(DATA))
+
+test: setup
+	$(PY) -m pytest -q
+
+test-slow: setup
+	$(PY) -m pytest -q -m slow
+
+bench: setup
+	$(PY) benchmarks/compress_cost.py
+
+clean:
+	rm -rf out .pytest_cache .hypothesis

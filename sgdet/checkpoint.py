@@ -1,0 +1,164 @@
+"""The one checkpoint format of the suite: tensors plus a plain description of the structure.
+
+A file is a dict of plain types and tensors (loadable with ``torch.load(weights_only=True)``):
+``format``/``version``, ``arch`` (registered builder and its kwargs), ``form`` (dense, masked or
+deployed), ``modules`` (for every SG or deployed module: its type, constructor arguments and a
+summary of groups and kept channels), ``state_dict`` and free-form ``meta``. No pickled modules.
+Writes go to a temporary file that is renamed into place, so a crash never leaves half a file.
+"""
+from __future__ import annotations
+
+import os
+import tempfile
+from typing import Any
+
+import torch
+from torch import nn
+
+from .deploy import DiverseGroupConv2d, DiverseGroupLinear, GatheredBatchNorm2d
+from .errors import CheckpointError
+from .layers import SGConv2d, SGLinear, is_sg_layer
+from .models import arch_of, build
+
+FORMAT = "sgdet-checkpoint"
+VERSION = 1
+_TYPES = {cls.__name__: cls for cls in (SGConv2d, SGLinear, DiverseGroupConv2d,
+                                        DiverseGroupLinear, GatheredBatchNorm2d)}
+
+
+def layer_summary(module: nn.Module) -> dict:
+    """Groups, group sizes, kept input channels per group and pruned fraction of one layer."""
+    if is_sg_layer(module):
+        keep = module.group_keep()
+        return {"groups": module.num_groups, "group_sizes": module.group_sizes().tolist(),
+                "kept_inputs": keep.sum(1).tolist(), "in_features": int(module.mask.shape[1]),
+                "out_features": int(module.mask.shape[0]), "pruned": module.pruned_fraction()}
+    if isinstance(module, (DiverseGroupConv2d, DiverseGroupLinear)):
+        return {"groups": len(module.group_out), "group_sizes": list(module.group_out),
+                "kept_inputs": list(module.group_in), "in_features": module.source_in,
+                "out_features": module.out_features_total, "pruned": module.pruned_fraction()}
+    return {}
+
+
+def _structure(module: nn.Module) -> dict:
+    if isinstance(module, SGConv2d):
+        return {"in_channels": module.in_channels, "out_channels": module.out_channels,
+                "kernel_size": list(module.kernel_size), "stride": list(module.stride),
+                "padding": module.padding if isinstance(module.padding, str) else list(module.padding),
+                "dilation": list(module.dilation), "bias": module.bias is not None}
+    if isinstance(module, SGLinear):
+        return {"in_features": module.in_features, "out_features": module.out_features,
+                "bias": module.bias is not None}
+    return module.structure()
+
+
+def describe(model: nn.Module) -> dict[str, dict]:
+    return {name: {"type": type(m).__name__, "structure": _structure(m), "summary": layer_summary(m)}
+            for name, m in model.named_modules() if isinstance(m, tuple(_TYPES.values()))}
+
+
+def form_of(model: nn.Module) -> str:
+    kinds = {type(m) for m in model.modules()}
+    if kinds & {DiverseGroupConv2d, DiverseGroupLinear}:
+        return "deployed"
+    return "masked" if kinds & {SGConv2d, SGLinear} else "dense"
+
+
+def atomic_torch_save(obj: Any, path: str | os.PathLike) -> None:
+    """torch.save to a temporary file beside ``path``, then rename it into place."""
+    path = os.fspath(path)
+    folder = os.path.dirname(os.path.abspath(path))
+    os.makedirs(folder, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=".tmp-", suffix=".pt", dir=folder)
+    try:
+        with os.fdopen(fd, "wb") as handle:
+            torch.save(obj, handle)
+            handle.flush()
+            os.fsync(handle.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+        raise
+
+
+def save(model: nn.Module, path: str | os.PathLike, meta: dict | None = None) -> None:
+    """Write ``model`` (dense, masked or deployed) as an sgdet checkpoint."""
+    payload = {
+        "format": FORMAT, "version": VERSION, "arch": arch_of(model), "form": form_of(model),
+        "modules": describe(model),
+        "state_dict": {k: v.detach().cpu() for k, v in model.state_dict().items()},
+        "meta": dict(meta or getattr(model, "sgdet_meta", None) or {}),
+    }
+    atomic_torch_save(payload, path)
+
+
+def read(path: str | os.PathLike) -> dict:
+    """Read and validate a checkpoint file without building the model."""
+    path = os.fspath(path)
+    if not os.path.isfile(path):
+        raise CheckpointError(f"checkpoint not found: {path}")
+    try:
+        payload = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as exc:
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        first = first.split(". ")[0]
+        raise CheckpointError(f"{path} is not a readable checkpoint (truncated or corrupt?): {first}") from None
+    if not isinstance(payload, dict) or payload.get("format") != FORMAT:
+        raise CheckpointError(f"{path} is not an sgdet checkpoint (for a plain state dict use --weights)")
+    if payload.get("version", 0) > VERSION:
+        raise CheckpointError(f"{path} has checkpoint version {payload['version']}; this sgdet reads up to {VERSION}")
+    for key in ("modules", "state_dict"):
+        if not isinstance(payload.get(key), dict):
+            raise CheckpointError(f"{path} is damaged: '{key}' is missing")
+    return payload
+
+
+def _set(model: nn.Module, name: str, new: nn.Module) -> None:
+    parent_name, _, child = name.rpartition(".")
+    setattr(model.get_submodule(parent_name) if parent_name else model, child, new)
+
+
+def _rebuild_module(name: str, entry: dict, current: nn.Module | None) -> nn.Module:
+    kind, structure = entry.get("type"), dict(entry.get("structure") or {})
+    cls = _TYPES.get(kind)
+    if cls is None:
+        raise CheckpointError(f"unknown module type {kind!r} for layer {name!r}")
+    if cls in (SGConv2d, SGLinear):
+        dense_type = nn.Conv2d if cls is SGConv2d else nn.Linear
+        if not isinstance(current, dense_type):
+            raise CheckpointError(f"layer {name!r} of the model is not a {dense_type.__name__}")
+        return cls.from_dense(current)
+    return cls(**structure)
+
+
+def load(path: str | os.PathLike, model: nn.Module | None = None,
+         map_location: str | torch.device = "cpu") -> nn.Module:
+    """Rebuild the model saved at ``path``: the registered architecture it names (or the given
+    dense ``model`` skeleton), with its SG or deployed layers and all tensors restored."""
+    payload = read(path)
+    arch = payload.get("arch")
+    if model is None:
+        if not arch:
+            raise CheckpointError(f"{path} names no registered architecture; pass model= to load it")
+        model = build(arch["name"], **dict(arch.get("kwargs") or {}))
+    try:
+        for name, entry in payload["modules"].items():
+            try:
+                current = model.get_submodule(name)
+            except AttributeError:
+                raise CheckpointError(f"{path} has a layer {name!r} that the model lacks") from None
+            _set(model, name, _rebuild_module(name, entry, current))
+        model.load_state_dict(payload["state_dict"], strict=True)
+    except CheckpointError:
+        raise
+    except (RuntimeError, TypeError, ValueError, KeyError) as exc:
+        message = " ".join(str(exc).split())[:300]
+        raise CheckpointError(f"{path} does not fit the model: {message}") from None
+    for name, m in model.named_modules():
+        if is_sg_layer(m) and not m.check_invariant():
+            raise CheckpointError(f"{path} is damaged: layer {name!r} breaks the group invariant")
+    model.sgdet_meta = dict(payload.get("meta") or {})
+    if arch:
+        model.sgdet_arch = arch
+    return model.to(map_location)

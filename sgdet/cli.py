@@ -1,0 +1,170 @@
+"""The ``sgdet`` command line: compress a registered architecture, deploy a masked checkpoint, and
+show what a checkpoint holds. Thin: every verb calls the public API. Errors print one line and
+exit with status 2."""
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+
+from .checkpoint import read
+from .counting import count, format_count
+from .errors import SGError
+
+
+def _model_row(label: str, counts: dict, base: dict | None = None) -> dict:
+    row = {"model": label, "params": counts["params"], "flops": counts["flops"]}
+    if base is not None:
+        row["params_ratio"] = 1 - counts["params"] / base["params"]
+        row["flops_ratio"] = 1 - counts["flops"] / base["flops"]
+    return row
+
+
+def _print_rows(rows: list[dict]) -> None:
+    print("| Model | Params | FLOPs | Params pruned | FLOPs pruned |")
+    print("|---|---|---|---|---|")
+    for r in rows:
+        pr = f"{100 * r['params_ratio']:.2f}%" if "params_ratio" in r else "-"
+        fr = f"{100 * r['flops_ratio']:.2f}%" if "flops_ratio" in r else "-"
+        print(f"| {r['model']} | {format_count(r['params'])} | {format_count(r['flops'])} | {pr} | {fr} |")
+
+
+def cmd_compress(args: argparse.Namespace) -> None:
+    import torch
+
+    from . import compress, models, save
+    from .compress import _validate
+    _validate(args.conv_ratio, args.fc_ratio, args.groups, args.step)   # fail before building
+    torch.manual_seed(args.seed)
+    kwargs = {} if args.num_classes is None else {"num_classes": args.num_classes}
+    model = models.build(args.arch, **kwargs)
+    if args.weights:
+        models.load_dense_weights(model, args.weights)
+    model.eval()
+    size = models.input_size_of(args.arch)
+    base = count(model, size)
+    records = compress(model, conv_ratio=args.conv_ratio, fc_ratio=args.fc_ratio,
+                       groups=args.groups, step=args.step, seed=args.seed,
+                       include=args.include or (), exclude=args.exclude, n_init=args.n_init,
+                       progress=not args.json and sys.stderr.isatty())
+    after = count(model, size)
+    label = f"{args.arch} (Conv-{round(100 * args.conv_ratio)}/FC-{round(100 * args.fc_ratio)})"
+    rows = [_model_row(f"{args.arch} (baseline)", base), _model_row(label, after, base)]
+    meta = {"conv_ratio": args.conv_ratio, "fc_ratio": args.fc_ratio, "groups": args.groups,
+            "step": args.step, "seed": args.seed, "weights": args.weights,
+            "records": [r.to_dict() for r in records], "counts": {"baseline": base, "compressed": after}}
+    save(model, args.out, meta=meta)
+    if args.json:
+        print(json.dumps({"rows": rows, "out": args.out,
+                          "steps": [{k: v for k, v in r.to_dict().items() if k != "layers"} for r in records]}))
+    else:
+        _print_rows(rows)
+        print(f"saved {args.out}")
+
+
+def cmd_deploy(args: argparse.Namespace) -> None:
+    from . import deploy, load, save
+    model = load(args.file)
+    deployed = deploy(model)
+    save(deployed, args.out, meta=getattr(model, "sgdet_meta", None))
+    if not args.json:
+        print(f"saved deployed model {args.out}")
+    else:
+        print(json.dumps({"out": args.out}))
+
+
+def cmd_info(args: argparse.Namespace) -> None:
+    from . import load, models
+    payload = read(args.file)
+    layers = payload["modules"]
+    arch = payload.get("arch") or {}
+    totals = None
+    if arch and not args.no_count:
+        model = load(args.file)
+        totals = count(model, models.input_size_of(arch["name"]))
+    if args.json:
+        print(json.dumps({"arch": arch, "form": payload.get("form"), "counts": totals,
+                          "layers": {n: {"type": e["type"], **e.get("summary", {})} for n, e in layers.items()},
+                          "meta": {k: v for k, v in (payload.get("meta") or {}).items() if k != "records"}}))
+        return
+    print(f"architecture: {arch.get('name', 'unknown')}   form: {payload.get('form')}")
+    if totals:
+        print(f"params: {format_count(totals['params'])} ({totals['params']})   "
+              f"FLOPs: {format_count(totals['flops'])} ({totals['flops']} MACs)")
+    print("| Layer | Type | Groups | Group sizes | Kept inputs per group | In | Pruned |")
+    print("|---|---|---|---|---|---|---|")
+    for name, entry in layers.items():
+        s = entry.get("summary") or {}
+        if not s:
+            continue
+        print(f"| {name} | {entry['type']} | {s['groups']} | {_short(s['group_sizes'])} | "
+              f"{_short(s['kept_inputs'])} | {s['in_features']} | {100 * s['pruned']:.1f}% |")
+
+
+def _short(values: list, limit: int = 16) -> str:
+    text = ",".join(str(v) for v in values[:limit])
+    return text + (",..." if len(values) > limit else "")
+
+
+def _ratio(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a number: {text!r}") from None
+    return value
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="sgdet", description="Self-grouping CNN compression.")
+    parser.add_argument("-v", "--verbose", action="store_true", help="log per-layer decisions")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    p = sub.add_parser("compress", help="compress a registered architecture (Algorithm 1)")
+    p.add_argument("--arch", required=True, help="registered architecture, e.g. resnet50, lenet5")
+    p.add_argument("--weights", help="local dense weights (.pth state dict) to start from")
+    p.add_argument("--num-classes", type=int, help="classifier width (default: the builder's)")
+    p.add_argument("--conv-ratio", type=_ratio, required=True, help="pruned fraction of conv connections, [0, 1)")
+    p.add_argument("--fc-ratio", type=_ratio, required=True, help="pruned fraction of FC connections, [0, 1)")
+    p.add_argument("--groups", type=int, default=16, help="groups per layer (default 16)")
+    p.add_argument("--step", type=_ratio, default=None, help="pruning step s (default: one shot)")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--n-init", type=int, default=1, help="k-means restarts (default 1)")
+    p.add_argument("--include", action="append", help="fnmatch pattern of layers to compress anyway")
+    p.add_argument("--exclude", action="append", help="fnmatch pattern of layers to leave dense "
+                   "(replaces the default '*downsample*')")
+    p.add_argument("--out", required=True, help="checkpoint to write")
+    p.add_argument("--json", action="store_true", help="machine-readable output")
+    p.set_defaults(func=cmd_compress)
+
+    p = sub.add_parser("deploy", help="convert a masked checkpoint into diverse group convolutions")
+    p.add_argument("file")
+    p.add_argument("--out", required=True)
+    p.add_argument("--json", action="store_true")
+    p.set_defaults(func=cmd_deploy)
+
+    p = sub.add_parser("info", help="per-layer groups and kept channels of a checkpoint")
+    p.add_argument("file")
+    p.add_argument("--json", action="store_true")
+    p.add_argument("--no-count", action="store_true", help="skip building the model to count it")
+    p.set_defaults(func=cmd_info)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING,
+                        format="%(message)s", stream=sys.stderr)
+    try:
+        args.func(args)
+    except SGError as exc:
+        print(f"sgdet: error: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("sgdet: interrupted", file=sys.stderr)
+        return 130
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

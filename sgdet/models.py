@@ -1,0 +1,139 @@
+"""Model builders (flat functions, torchvision style) and the architecture registry that lets a
+checkpoint name the network it holds. Nothing here downloads weights: pretrained weights come
+from a local file through ``load_dense_weights``."""
+from __future__ import annotations
+
+from typing import Callable
+
+import torch
+import torchvision
+from torch import nn
+
+from .errors import CheckpointError, ConfigError
+
+ARCHITECTURES: dict[str, Callable[..., nn.Module]] = {}
+
+
+def register_arch(name: str) -> Callable:
+    """Decorator: make a builder ``fn(num_classes=...) -> nn.Module`` known by ``name``."""
+    def wrap(fn: Callable[..., nn.Module]) -> Callable[..., nn.Module]:
+        ARCHITECTURES[name] = fn
+        return fn
+    return wrap
+
+
+class LeNet5(nn.Module):
+    """The paper's LeNet-5 for 28x28 grey images: conv 20, conv 50, fc 500, fc 10 (431K params,
+    2294K MACs)."""
+
+    def __init__(self, num_classes: int = 10, in_channels: int = 1) -> None:
+        super().__init__()
+        self.features = nn.Sequential(
+            nn.Conv2d(in_channels, 20, 5), nn.ReLU(inplace=True), nn.MaxPool2d(2),
+            nn.Conv2d(20, 50, 5), nn.ReLU(inplace=True), nn.MaxPool2d(2))
+        self.classifier = nn.Sequential(
+            nn.Flatten(), nn.Linear(50 * 4 * 4, 500), nn.ReLU(inplace=True), nn.Linear(500, num_classes))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.classifier(self.features(x))
+
+
+def _tag(model: nn.Module, name: str, **kwargs) -> nn.Module:
+    model.sgdet_arch = {"name": name, "kwargs": kwargs}
+    return model
+
+
+@register_arch("lenet5")
+def lenet5(num_classes: int = 10, in_channels: int = 1) -> nn.Module:
+    return _tag(LeNet5(num_classes, in_channels), "lenet5", num_classes=num_classes,
+                in_channels=in_channels)
+
+
+def _torchvision_builder(name: str) -> Callable[..., nn.Module]:
+    factory = getattr(torchvision.models, name)
+
+    def build(num_classes: int = 1000) -> nn.Module:
+        return _tag(factory(weights=None, num_classes=num_classes), name, num_classes=num_classes)
+
+    build.__name__ = name
+    build.__doc__ = f"torchvision {name}, randomly initialised (load weights from a local file)."
+    return build
+
+
+for _name in ("resnet18", "resnet34", "resnet50", "resnet101", "resnet152", "densenet121",
+              "densenet161", "densenet169", "densenet201", "vgg11_bn", "vgg16_bn", "alexnet"):
+    globals()[_name] = register_arch(_name)(_torchvision_builder(_name))
+
+# input size each architecture is counted at (the paper's convention)
+INPUT_SIZES: dict[str, tuple[int, int, int]] = {"lenet5": (1, 28, 28)}
+
+
+def input_size_of(arch: str) -> tuple[int, int, int]:
+    return INPUT_SIZES.get(arch, (3, 224, 224))
+
+
+def build(name: str, **kwargs) -> nn.Module:
+    """Build a registered architecture; an unknown name lists the choices."""
+    if name not in ARCHITECTURES:
+        raise ConfigError(f"unknown architecture {name!r}; choose from: {', '.join(sorted(ARCHITECTURES))}")
+    return ARCHITECTURES[name](**kwargs)
+
+
+def _num_classes(model: nn.Module) -> int | None:
+    last = None
+    for m in model.modules():
+        if isinstance(m, nn.Linear) or getattr(m, "out_features", None) is not None:
+            last = m
+    return None if last is None else int(last.out_features)
+
+
+def _dense_signature(model: nn.Module) -> dict[str, tuple[int, ...]]:
+    """State-dict shapes of the model as a dense network (SG buffers left out)."""
+    return {k: tuple(v.shape) for k, v in model.state_dict().items()
+            if not (k.endswith(".group") or k.endswith(".mask"))}
+
+
+def arch_of(model: nn.Module) -> dict | None:
+    """{'name', 'kwargs'} of the registered architecture ``model`` is an instance of, from its
+    tag or by matching state-dict shapes against each builder of the same class; else None."""
+    tag = getattr(model, "sgdet_arch", None)
+    if tag is not None:
+        return tag
+    num_classes = _num_classes(model)
+    if num_classes is None:
+        return None
+    signature = _dense_signature(model)
+    for name, builder in ARCHITECTURES.items():
+        with torch.device("meta"):
+            candidate = builder(num_classes=num_classes)
+        if type(candidate) is type(model) and _dense_signature(candidate) == signature:
+            return dict(candidate.sgdet_arch)
+    return None
+
+
+def load_dense_weights(model: nn.Module, path: str) -> nn.Module:
+    """Load a dense state dict (torchvision's ``.pth`` or ``{'state_dict': ...}`` /
+    ``{'model': ...}`` wrappers, ``module.`` prefixes stripped) from a local file."""
+    import os
+    if not os.path.isfile(path):
+        raise CheckpointError(f"weights file not found: {path}")
+    try:
+        blob = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as exc:
+        raise CheckpointError(f"cannot read weights {path}: {exc.__class__.__name__}: "
+                              f"{str(exc).splitlines()[0] if str(exc) else 'corrupt file'}") from None
+    for key in ("state_dict", "model"):
+        if isinstance(blob, dict) and isinstance(blob.get(key), dict):
+            blob = blob[key]
+    if not isinstance(blob, dict) or not all(isinstance(v, torch.Tensor) for v in blob.values()):
+        raise CheckpointError(f"{path} holds no state dict of tensors")
+    blob = {k.removeprefix("module."): v for k, v in blob.items()}
+    try:
+        result = model.load_state_dict(blob, strict=False)
+    except RuntimeError as exc:   # shape mismatches
+        raise CheckpointError(f"{path} does not match the model: {str(exc).splitlines()[-1].strip()}") from None
+    if result.missing_keys or result.unexpected_keys:
+        missing = ", ".join(result.missing_keys[:3])
+        raise CheckpointError(f"{path} does not match the model (missing: {missing or '-'}; "
+                              f"unexpected: {', '.join(result.unexpected_keys[:3]) or '-'})")
+    return model
