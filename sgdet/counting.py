@@ -71,10 +71,14 @@ def count(model: nn.Module, input_size: Sequence[int] = (3, 224, 224)) -> dict[s
     return {"params": count_params(model), "flops": count_flops(model, input_size)}
 
 
-def format_count(value: float) -> str:
-    """Paper-style magnitude: 431K, 11.88M, 1.91G."""
-    for unit, scale in (("G", 1e9), ("M", 1e6), ("K", 1e3)):
-        if abs(value) >= scale:
-            digits = 0 if unit == "K" else 2
-            return f"{value / scale:.{digits}f}{unit}"
-    return f"{value:.0f}"
+_SCALES = {"G": 1e9, "M": 1e6, "K": 1e3}
+
+
+def format_count(value: float, unit: str | None = None) -> str:
+    """Paper-style magnitude: 431K, 11.88M, 1.91G; ``unit`` forces K, M or G (LeNet: K)."""
+    if unit is None:
+        unit = next((u for u, scale in _SCALES.items() if abs(value) >= scale), "")
+    if not unit:
+        return f"{value:.0f}"
+    digits = 0 if unit == "K" else 2
+    return f"{value / _SCALES[unit]:.{digits}f}{unit}"

@@ -1,0 +1,28 @@
+"""Entry point: `python -m classification demo [...]`. Thin: parses arguments and calls the
+pipeline; user errors print one line and exit 2."""
+import argparse
+import sys
+
+from sgdet.errors import SGError
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m classification")
+    sub = parser.add_subparsers(dest="command", required=True)
+    from . import demo
+    demo.add_arguments(sub.add_parser("demo", help="LeNet-5 on Fashion-MNIST: train, compress, deploy"))
+    args = parser.parse_args(argv)
+    try:
+        if args.command == "demo":
+            demo.run(args)
+    except SGError as exc:
+        print(f"classification: error: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("classification: interrupted", file=sys.stderr)
+        return 130
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

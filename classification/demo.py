@@ -1,0 +1,154 @@
+"""The main job (`make demo`): LeNet-5 on the real Fashion-MNIST. Train the baseline, compress it
+with self-grouping step by step with local fine-tuning (Algorithm 1, scheme LG), fine-tune each
+compression level globally, deploy it as diverse group convolutions, and write a LeNet table,
+checkpoints and a picture of the group structure under one output folder."""
+from __future__ import annotations
+
+import argparse
+import copy
+import json
+import os
+import random
+import time
+
+import numpy as np
+import torch
+
+import sgdet
+from sgdet.counting import format_count
+from sgdet.visualize import plot_group_structure
+
+from .data import load_mnist_style, tensor_loader
+from .trainer import evaluate, fit, local_finetune_hook
+
+
+def seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
+
+
+def _write_text(path: str, text: str) -> None:
+    tmp = path + ".tmp"
+    with open(tmp, "w") as handle:
+        handle.write(text)
+    os.replace(tmp, path)
+
+
+def results_table(rows: list[dict]) -> str:
+    lines = ["| Model | Params | FLOPs | Top-1 (%) | Top-5 (%) | Deployed Top-1 (%) | Epochs |",
+             "|---|---|---|---|---|---|---|"]
+    for r in rows:
+        deployed = "-" if r.get("deployed_top1") is None else f"{r['deployed_top1']:.2f}"
+        lines.append(f"| {r['model']} | {format_count(r['params'], 'K')} | {format_count(r['flops'], 'K')} | "
+                     f"{r['top1']:.2f} | {r['top5']:.2f} | {deployed} | {r['epochs']} |")
+    return "\n".join(lines) + "\n"
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--out", default="out/demo", help="output folder (default out/demo)")
+    parser.add_argument("--data", help="torchvision root with FashionMNIST/raw/, or a folder of idx.gz files")
+    parser.add_argument("--download", action="store_true", help="let torchvision download the data")
+    parser.add_argument("--levels", type=float, nargs="+", default=[0.80, 0.90, 0.95],
+                        help="compression levels (conv = FC ratio) to report")
+    parser.add_argument("--step", type=float, default=0.05, help="pruning step s")
+    parser.add_argument("--groups", type=int, default=8, help="groups per layer")
+    parser.add_argument("--epochs", type=int, default=3, help="baseline training epochs")
+    parser.add_argument("--local-steps", type=int, default=60, help="batches of local fine-tuning per step")
+    parser.add_argument("--finetune-epochs", type=int, default=2, help="global fine-tuning epochs per level")
+    parser.add_argument("--batch-size", type=int, default=128)
+    parser.add_argument("--lr", type=float, default=0.05, help="baseline learning rate")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--limit", type=int, help="use only the first N training images (smoke runs)")
+    parser.add_argument("--no-progress", action="store_true")
+
+
+def run(args: argparse.Namespace) -> dict:
+    started = time.time()
+    for level in args.levels:
+        if not 0.0 < level < 1.0:
+            raise sgdet.ConfigError(f"compression level must be in (0, 1), got {level}")
+        if abs(level / args.step - round(level / args.step)) > 1e-6:
+            raise sgdet.ConfigError(f"level {level} is not a multiple of --step {args.step}; "
+                                    "each reported level must be a step of the schedule")
+    levels = sorted(set(round(level, 6) for level in args.levels))
+    os.makedirs(args.out, exist_ok=True)
+    _write_text(os.path.join(args.out, "config.json"), json.dumps(vars(args), indent=2) + "\n")
+    seed_everything(args.seed)
+    progress = not args.no_progress
+    train, test = load_mnist_style("fashion-mnist", args.data, args.download)
+    train_loader = tensor_loader(train, args.batch_size, shuffle=True, seed=args.seed, limit=args.limit)
+    test_loader = tensor_loader(test, 1000, shuffle=False)
+    size = (1, 28, 28)
+    print(f"Fashion-MNIST: {len(train_loader.dataset)} training / {len(test.labels)} test images "
+          f"({os.path.abspath(args.out)})")
+
+    baseline = sgdet.models.lenet5(num_classes=10)
+    fit(baseline, train_loader, args.epochs, args.lr, desc="baseline", progress=progress)
+    base_eval = evaluate(baseline, test_loader, progress=progress)
+    base_count = sgdet.count(baseline, size)
+    sgdet.save(baseline, os.path.join(args.out, "lenet5_baseline.sg.pt"),
+               meta={"eval": base_eval, "counts": base_count})
+    rows = [{"model": "LeNet-5 baseline", **base_count, **base_eval, "deployed_top1": None,
+             "epochs": str(args.epochs)}]
+    print(f"baseline: top-1 {base_eval['top1']:.2f}%  {format_count(base_count['params'], 'K')} params  "
+          f"{format_count(base_count['flops'], 'K')} FLOPs")
+
+    # Algorithm 1 with local fine-tuning; snapshot the network when a reported level is reached
+    snapshots: dict[float, tuple[torch.nn.Module, int]] = {}
+    local = local_finetune_hook(train_loader, lr=0.01, steps=args.local_steps, progress=progress)
+
+    def hook(model: torch.nn.Module, t: int) -> None:
+        local(model, t)
+        reached = round(min(t * args.step, levels[-1]), 6)
+        for level in levels:
+            if level not in snapshots and reached >= level - 1e-9:
+                snapshots[level] = (copy.deepcopy(model), t)
+
+    model = copy.deepcopy(baseline)
+    records = sgdet.compress(model, conv_ratio=levels[-1], fc_ratio=levels[-1], groups=args.groups,
+                             step=args.step, seed=args.seed, finetune=hook, progress=progress)
+    with open(os.path.join(args.out, "steps.jsonl.tmp"), "w") as handle:
+        for record in records:
+            handle.write(json.dumps(record.to_dict()) + "\n")
+    os.replace(os.path.join(args.out, "steps.jsonl.tmp"), os.path.join(args.out, "steps.jsonl"))
+
+    for level in levels:
+        compressed, steps_done = snapshots[level]
+        fit(compressed, train_loader, args.finetune_epochs, 0.01, desc=f"global {level:.2f}",
+            progress=progress)
+        masked_eval = evaluate(compressed, test_loader, progress=progress)
+        deployed = sgdet.deploy(compressed)
+        deployed_eval = evaluate(deployed, test_loader, progress=progress)
+        counts = sgdet.count(compressed, size)
+        deployed_counts = sgdet.count(deployed, size)
+        if deployed_counts != counts:
+            raise RuntimeError(f"deployed count {deployed_counts} differs from masked count {counts}")
+        tag = f"conv{round(100 * level)}_fc{round(100 * level)}"
+        meta = {"level": level, "groups": args.groups, "step": args.step, "eval": masked_eval,
+                "counts": counts, "scheme": "LG"}
+        sgdet.save(compressed, os.path.join(args.out, f"lenet5_{tag}.sg.pt"), meta=meta)
+        sgdet.save(deployed, os.path.join(args.out, f"lenet5_{tag}_deployed.sg.pt"),
+                   meta={**meta, "eval": deployed_eval})
+        rows.append({"model": f"LeNet-5 (Conv-{round(100 * level)}/FC-{round(100 * level)})",
+                     **counts, **masked_eval, "deployed_top1": deployed_eval["top1"],
+                     "deployed_top5": deployed_eval["top5"],
+                     "epochs": f"{args.epochs}+{steps_done}*{args.local_steps}it+{args.finetune_epochs}"})
+        print(f"Conv-{round(100 * level)}/FC-{round(100 * level)}: top-1 {masked_eval['top1']:.2f}% "
+              f"(deployed {deployed_eval['top1']:.2f}%)  {format_count(counts['params'], 'K')} params  "
+              f"{format_count(counts['flops'], 'K')} FLOPs")
+
+    top = snapshots[levels[-1]][0]
+    picture = plot_group_structure(top, os.path.join(args.out, "group_structure.png"),
+                                   layers=["features.3", "classifier.1", "classifier.3"],
+                                   title=f"LeNet-5 on Fashion-MNIST, Conv-{round(100 * levels[-1])}"
+                                         f"/FC-{round(100 * levels[-1])}, g={args.groups}")
+    table = results_table(rows)
+    elapsed = time.time() - started
+    _write_text(os.path.join(args.out, "results.md"), table)
+    summary = {"rows": rows, "seconds": round(elapsed, 1), "config": vars(args)}
+    _write_text(os.path.join(args.out, "results.json"), json.dumps(summary, indent=2) + "\n")
+    print()
+    print(table)
+    print(f"results, checkpoints and {os.path.basename(picture)} in {args.out} ({elapsed:.0f} s)")
+    return summary
