@@ -53,7 +53,7 @@ def keep_pruned_zero(model: nn.Module) -> None:
     zero), but a resumed or externally edited model may: re-apply every mask."""
     for m in model.modules():
         if sgdet.layers.is_sg_layer(m):
-            m.weight.mul_(m.weight_mask())
+            m.zero_pruned_()
 
 
 @torch.no_grad()

@@ -9,14 +9,16 @@ Writes go to a temporary file that is renamed into place, so a crash never leave
 from __future__ import annotations
 
 import os
+import pickle
 import tempfile
+import zipfile
 from typing import Any
 
 import torch
 from torch import nn
 
 from .deploy import DiverseGroupConv2d, DiverseGroupLinear, GatheredBatchNorm2d
-from .errors import CheckpointError
+from .errors import CheckpointError, ConfigError
 from .layers import SGConv2d, SGLinear, is_sg_layer
 from .models import arch_of, build
 
@@ -82,13 +84,34 @@ def atomic_torch_save(obj: Any, path: str | os.PathLike) -> None:
         raise
 
 
+def plain(value: Any, where: str = "meta") -> Any:
+    """``value`` as the plain types torch.load(weights_only=True) accepts: numpy scalars become
+    Python numbers, paths strings, tuples lists; anything else is a ConfigError."""
+    if value is None or isinstance(value, torch.Tensor):
+        return value
+    for kind in (bool, int, float, str):     # exact builtins: np.float64 subclasses float
+        if isinstance(value, kind):
+            return kind(value)
+    if isinstance(value, dict):
+        return {str(k): plain(v, f"{where}[{k!r}]") for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [plain(v, f"{where}[{i}]") for i, v in enumerate(value)]
+    if isinstance(value, os.PathLike):
+        return os.fspath(value)
+    if hasattr(value, "item") and getattr(value, "shape", None) == ():   # numpy scalar
+        return value.item()
+    raise ConfigError(f"{where} holds a {type(value).__name__}, which a checkpoint cannot store")
+
+
 def save(model: nn.Module, path: str | os.PathLike, meta: dict | None = None) -> None:
     """Write ``model`` (dense, masked or deployed) as an sgdet checkpoint."""
+    if os.path.isdir(path):
+        raise ConfigError(f"cannot write checkpoint {os.fspath(path)}: it is a directory")
     payload = {
         "format": FORMAT, "version": VERSION, "arch": arch_of(model), "form": form_of(model),
         "modules": describe(model),
         "state_dict": {k: v.detach().cpu() for k, v in model.state_dict().items()},
-        "meta": dict(meta or getattr(model, "sgdet_meta", None) or {}),
+        "meta": plain(dict(meta or getattr(model, "sgdet_meta", None) or {})),
     }
     atomic_torch_save(payload, path)
 
@@ -100,6 +123,11 @@ def read(path: str | os.PathLike) -> dict:
         raise CheckpointError(f"checkpoint not found: {path}")
     try:
         payload = torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as exc:
+        if "Weights only load failed" not in str(exc) or not zipfile.is_zipfile(path):
+            raise CheckpointError(f"{path} is not a readable checkpoint (truncated or corrupt?)") from None
+        raise CheckpointError(f"{path} holds pickled Python objects, not an sgdet checkpoint "
+                              "(sgdet never unpickles code; re-save with sgdet.save)") from None
     except Exception as exc:
         first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
         first = first.split(". ")[0]

@@ -6,11 +6,12 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import os
 import sys
 
 from .checkpoint import read
 from .counting import count, format_count
-from .errors import SGError
+from .errors import ConfigError, SGError
 
 
 def _model_row(label: str, counts: dict, base: dict | None = None) -> dict:
@@ -35,7 +36,11 @@ def cmd_compress(args: argparse.Namespace) -> None:
 
     from . import compress, models, save
     from .compress import _validate
-    _validate(args.conv_ratio, args.fc_ratio, args.groups, args.step)   # fail before building
+    _validate(args.conv_ratio, args.fc_ratio, args.groups, args.step, args.seed, args.n_init)
+    if args.num_classes is not None and args.num_classes < 1:
+        raise ConfigError(f"--num-classes must be >= 1, got {args.num_classes}")
+    if os.path.isdir(args.out):
+        raise ConfigError(f"--out {args.out} is a directory; give a file name")
     torch.manual_seed(args.seed)
     kwargs = {} if args.num_classes is None else {"num_classes": args.num_classes}
     model = models.build(args.arch, **kwargs)
@@ -159,6 +164,9 @@ def main(argv: list[str] | None = None) -> int:
         args.func(args)
     except SGError as exc:
         print(f"sgdet: error: {exc}", file=sys.stderr)
+        return 2
+    except OSError as exc:             # unwritable --out, full disk, permissions
+        print(f"sgdet: error: {exc.strerror or exc}: {exc.filename or ''}".rstrip(": "), file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print("sgdet: interrupted", file=sys.stderr)

@@ -6,6 +6,7 @@ from __future__ import annotations
 import fnmatch
 import logging
 import math
+import numbers
 from dataclasses import asdict, dataclass, field
 from typing import Callable, Iterable, Sequence
 
@@ -95,14 +96,28 @@ class StepRecord:
         return asdict(self)
 
 
-def _validate(conv_ratio: float, fc_ratio: float, groups: int, step: float | None) -> None:
+def _is_real(value) -> bool:
+    return isinstance(value, numbers.Real) and not isinstance(value, bool) and math.isfinite(value)
+
+
+def _is_int(value) -> bool:
+    return isinstance(value, numbers.Integral) and not isinstance(value, bool)
+
+
+def _validate(conv_ratio: float, fc_ratio: float, groups: int, step: float | None,
+              seed: int = 0, n_init: int = 1) -> None:
+    """Reject bad arguments up front with a ConfigError naming the argument."""
     for label, value in (("conv_ratio", conv_ratio), ("fc_ratio", fc_ratio)):
-        if not isinstance(value, (int, float)) or not math.isfinite(value) or not 0.0 <= value < 1.0:
+        if not _is_real(value) or not 0.0 <= value < 1.0:
             raise ConfigError(f"{label} must be in [0, 1), got {value!r}")
-    if isinstance(groups, bool) or not isinstance(groups, int) or groups < 1:
+    if not _is_int(groups) or groups < 1:
         raise ConfigError(f"groups must be an integer >= 1, got {groups!r}")
-    if step is not None and (not isinstance(step, (int, float)) or not 0.0 < step <= 1.0):
+    if step is not None and (not _is_real(step) or not 0.0 < step <= 1.0):
         raise ConfigError(f"step must be in (0, 1], got {step!r}")
+    if not _is_int(seed) or not 0 <= seed < 2**32:
+        raise ConfigError(f"seed must be an integer in [0, 2**32), got {seed!r}")
+    if not _is_int(n_init) or n_init < 1:
+        raise ConfigError(f"n_init must be an integer >= 1, got {n_init!r}")
 
 
 def _connection_fraction(layers: Iterable[nn.Module]) -> float:
@@ -115,32 +130,26 @@ def _connection_fraction(layers: Iterable[nn.Module]) -> float:
 
 @torch.no_grad()
 def prune_step(layers: dict[str, nn.Module], conv_target: float, fc_target: float, groups: int,
-               seed: int = 0, n_init: int = 1) -> dict:
+               seed: int = 0, n_init: int = 1, warned: set[str] | None = None) -> dict:
     """One pass of lines 3-10 of Algorithm 1 over ``layers``: regroup each layer on its current
-    masked weights and prune it to its target fraction. Returns per-layer summaries."""
+    masked weights and prune it to its target fraction. Returns per-layer summaries.
+    ``warned`` collects layers already reported as narrower than ``groups`` (say it once)."""
+    warned = set() if warned is None else warned
     summary = {}
     for name, layer in layers.items():
         if not torch.isfinite(layer.weight).all():
             raise NumericalError(f"layer {name!r} has NaN or inf weights; cannot group it")
         c_out = layer.mask.shape[0]
-        if c_out < groups:
-            _warn_once(name, f"sgdet: layer {name} has {c_out} filters < groups={groups}; "
-                             f"using {c_out} groups")
+        if c_out < groups and name not in warned:
+            warned.add(name)
+            log.warning("sgdet: layer %s has %d filters < groups=%d; using %d groups",
+                        name, c_out, groups, c_out)
         grouping = group_filters(importance_vectors(layer.weight, layer.mask), groups, seed, n_init)
         target = conv_target if isinstance(layer, SGConv2d) else fc_target
         keep = centroid_prune(grouping.centroids, grouping.sizes, target)
         layer.set_structure(grouping.labels, keep)
         summary[name] = {"groups": int(grouping.centroids.shape[0]), "pruned": layer.pruned_fraction()}
     return summary
-
-
-_warned: set[str] = set()
-
-
-def _warn_once(key: str, message: str) -> None:
-    if key not in _warned:
-        _warned.add(key)
-        log.warning(message)
 
 
 def compress(model: nn.Module, conv_ratio: float, fc_ratio: float, groups: int = 16,
@@ -152,7 +161,10 @@ def compress(model: nn.Module, conv_ratio: float, fc_ratio: float, groups: int =
     Each step t prunes every conv layer to min(t*step, conv_ratio) and every FC layer to
     min(t*step, fc_ratio) of its connections, then calls ``finetune(model, t)`` (local
     fine-tuning) if given. ``step=None`` prunes in one shot. Returns one StepRecord per step."""
-    _validate(conv_ratio, fc_ratio, groups, step)
+    _validate(conv_ratio, fc_ratio, groups, step, seed, n_init)
+    groups, seed, n_init = int(groups), int(seed), int(n_init)
+    conv_ratio, fc_ratio = float(conv_ratio), float(fc_ratio)
+    step = None if step is None else float(step)
     layers = convert(model, include, exclude)
     if not layers:
         raise ConfigError("the model has no compressible Conv2d/Linear layers")
@@ -165,15 +177,15 @@ def compress(model: nn.Module, conv_ratio: float, fc_ratio: float, groups: int =
     if progress:
         from tqdm.auto import tqdm
         steps = tqdm(steps, desc="self-grouping", unit="step")
-    records = []
+    records, warned = [], set()
     for t in steps:
         conv_target = min(round(t * step, 10), conv_ratio)
         fc_target = min(round(t * step, 10), fc_ratio)
-        summary = prune_step(layers, conv_target, fc_target, groups, seed, n_init)
+        summary = prune_step(layers, conv_target, fc_target, groups, seed, n_init, warned)
         if finetune is not None:
             finetune(model, t)
             for layer in layers.values():   # an optimiser must not revive pruned weights
-                layer.weight.data.mul_(layer.weight_mask())
+                layer.zero_pruned_()
         records.append(StepRecord(step=t, conv_target=conv_target, fc_target=fc_target,
                                   conv_pruned=_connection_fraction(convs),
                                   fc_pruned=_connection_fraction(fcs),

@@ -105,11 +105,16 @@ class DiverseGroupConv2d(_DiverseGroup):
                 "padding": self.padding if isinstance(self.padding, str) else list(self.padding),
                 "dilation": list(self.dilation), **super().structure()}
 
+    def _output_size(self, height: int, width: int) -> tuple[int, int]:
+        if self.padding == "same":
+            return height, width
+        padding = (0, 0) if self.padding == "valid" else self.padding
+        return tuple((n + 2 * p - d * (k - 1) - 1) // s + 1 for n, p, d, k, s in
+                     zip((height, width), padding, self.dilation, self.kernel_size, self.stride))
+
     def _empty_output(self, x: torch.Tensor, size: int) -> torch.Tensor:
-        # a group that kept no input channel emits its bias only: convolve one zero channel
-        probe = x.new_zeros(x.shape[0], 1, *x.shape[2:])
-        kernel = x.new_zeros(size, 1, *self.kernel_size)
-        return F.conv2d(probe, kernel, None, self.stride, self.padding, self.dilation)
+        # a group that kept no input channel emits its bias only: no arithmetic is spent on it
+        return x.new_zeros(x.shape[0], size, *self._output_size(*x.shape[2:]))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         gathered = x.index_select(1, self.in_index)
@@ -187,8 +192,13 @@ class GatheredBatchNorm2d(nn.BatchNorm2d):
 
     @classmethod
     def from_bn(cls, bn: nn.BatchNorm2d, channels: torch.Tensor) -> "GatheredBatchNorm2d":
+        reference = next(iter(bn.parameters()), None)
+        if reference is None:
+            reference = bn.running_mean
         new = cls(bn.num_features, int(channels.numel()), bn.eps, bn.momentum, bn.affine,
-                  bn.track_running_stats).to(bn.weight.device if bn.affine else "cpu")
+                  bn.track_running_stats)
+        if reference is not None:
+            new = new.to(device=reference.device, dtype=reference.dtype)   # int buffers stay int
         new.train(bn.training)
         idx = channels.to(new.channel_index.device)
         with torch.no_grad():

@@ -52,8 +52,8 @@ def group_filters(vectors: torch.Tensor, groups: int, seed: int = 0, n_init: int
     rank[np.argsort(first_index, kind="stable")] = np.arange(len(first_index))
     labels = torch.from_numpy(rank[inverse].astype(np.int64))
     g = len(first_index)
-    sums = torch.zeros(g, vectors.shape[1], dtype=torch.float64).index_add_(0, labels, vectors)
-    centroids = sums / torch.bincount(labels, minlength=g).unsqueeze(1).to(torch.float64)
+    membership = torch.nn.functional.one_hot(labels, g).T.to(torch.float64)   # [g, C_out]
+    centroids = (membership @ vectors) / membership.sum(1, keepdim=True)
     return Grouping(labels=labels, centroids=centroids)
 
 

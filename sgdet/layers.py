@@ -34,19 +34,24 @@ class _SelfGrouping:
         return int(self.group.max().item()) + 1 if self.group.numel() else 0
 
     def weight_mask(self) -> torch.Tensor:
-        """The mask broadcast to the weight's shape, in the weight's dtype."""
-        view = self.mask.shape + (1,) * (self.weight.dim() - 2)
-        return self.mask.view(view).to(self.weight.dtype)
+        """The boolean mask broadcastable to the weight's shape."""
+        return self.mask.view(self.mask.shape + (1,) * (self.weight.dim() - 2))
 
     def masked_weight(self) -> torch.Tensor:
-        return self.weight * self.weight_mask()
+        # where(), not a product: a non-finite value in a pruned slot must not become NaN
+        return torch.where(self.weight_mask(), self.weight, 0.0)
+
+    @torch.no_grad()
+    def zero_pruned_(self) -> None:
+        """Set pruned weights to exactly zero (after an optimiser step or a regrouping)."""
+        self.weight.masked_fill_(~self.weight_mask(), 0.0)
 
     def kept_connections(self) -> int:
         """Connections left (mask entries times the kernel size): the layer's pruned params."""
         return int(self.mask.sum().item()) * self.kernel_numel
 
     def pruned_fraction(self) -> float:
-        return 1.0 - float(self.mask.float().mean().item())
+        return 1.0 - int(self.mask.sum()) / self.mask.numel()
 
     @torch.no_grad()
     def set_structure(self, group: torch.Tensor, keep: torch.Tensor) -> None:
@@ -60,7 +65,7 @@ class _SelfGrouping:
             raise ValueError(f"keep has shape {tuple(keep.shape)}, incompatible with the layer")
         self.group.copy_(group)
         self.mask.copy_(keep[group])
-        self.weight.mul_(self.weight_mask())
+        self.zero_pruned_()
 
     def group_keep(self) -> torch.Tensor:
         """[g, C_in] kept input channels per group (one row per group, read off any member)."""

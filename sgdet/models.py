@@ -104,11 +104,20 @@ def arch_of(model: nn.Module) -> dict | None:
         return None
     signature = _dense_signature(model)
     for name, builder in ARCHITECTURES.items():
-        with torch.device("meta"):
-            candidate = builder(num_classes=num_classes)
+        if _BUILT_CLASS.get(name, type(model)) is not type(model):
+            continue                      # known to build another class: skip the build
+        try:
+            with torch.device("meta"):
+                candidate = builder(num_classes=num_classes)
+        except TypeError:                 # a user builder without num_classes
+            continue
+        _BUILT_CLASS[name] = type(candidate)
         if type(candidate) is type(model) and _dense_signature(candidate) == signature:
-            return dict(candidate.sgdet_arch)
+            return dict(getattr(candidate, "sgdet_arch", None) or {"name": name, "kwargs": {"num_classes": num_classes}})
     return None
+
+
+_BUILT_CLASS: dict[str, type] = {}   # builder name -> class it returns, learnt on first use
 
 
 def load_dense_weights(model: nn.Module, path: str) -> nn.Module:
