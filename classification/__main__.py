@@ -3,7 +3,7 @@ pipeline; user errors print one line and exit 2."""
 import argparse
 import sys
 
-from sgdet.errors import SGError
+from sgdet.errors import run_entry_point
 
 
 def main(argv=None) -> int:
@@ -12,16 +12,8 @@ def main(argv=None) -> int:
     from . import demo
     demo.add_arguments(sub.add_parser("demo", help="LeNet-5 on Fashion-MNIST: train, compress, deploy"))
     args = parser.parse_args(argv)
-    try:
-        if args.command == "demo":
-            demo.run(args)
-    except SGError as exc:
-        print(f"classification: error: {exc}", file=sys.stderr)
-        return 2
-    except KeyboardInterrupt:
-        print("classification: interrupted", file=sys.stderr)
-        return 130
-    return 0
+    commands = {"demo": demo.run}
+    return run_entry_point("classification", lambda: commands[args.command](args))
 
 
 if __name__ == "__main__":

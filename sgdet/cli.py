@@ -11,7 +11,7 @@ import sys
 
 from .checkpoint import read
 from .counting import count, format_count
-from .errors import ConfigError, SGError
+from .errors import ConfigError, run_entry_point
 
 
 def _model_row(label: str, counts: dict, base: dict | None = None) -> dict:
@@ -160,18 +160,7 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING,
                         format="%(message)s", stream=sys.stderr)
-    try:
-        args.func(args)
-    except SGError as exc:
-        print(f"sgdet: error: {exc}", file=sys.stderr)
-        return 2
-    except OSError as exc:             # unwritable --out, full disk, permissions
-        print(f"sgdet: error: {exc.strerror or exc}: {exc.filename or ''}".rstrip(": "), file=sys.stderr)
-        return 2
-    except KeyboardInterrupt:
-        print("sgdet: interrupted", file=sys.stderr)
-        return 130
-    return 0
+    return run_entry_point("sgdet", lambda: args.func(args))
 
 
 if __name__ == "__main__":

@@ -20,3 +20,22 @@ class DatasetError(SGError):
 
 class NumericalError(SGError, ValueError):
     """NaN or inf weights in a layer that is about to be grouped."""
+
+
+def run_entry_point(prog: str, action) -> int:
+    """Run ``action()`` for a command-line program: user errors and OS errors become one line on
+    stderr and exit status 2, Ctrl-C exits 130; anything else is a bug and keeps its traceback."""
+    import sys
+    try:
+        action()
+    except SGError as exc:
+        print(f"{prog}: error: {exc}", file=sys.stderr)
+        return 2
+    except OSError as exc:             # unwritable output, full disk, permissions
+        detail = f"{exc.strerror or exc}: {exc.filename or ''}".rstrip(": ")
+        print(f"{prog}: error: {detail}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print(f"{prog}: interrupted", file=sys.stderr)
+        return 130
+    return 0
