@@ -3,6 +3,7 @@ checkpoint name the network it holds. Nothing here downloads weights: pretrained
 from a local file through ``load_dense_weights``."""
 from __future__ import annotations
 
+import re
 from typing import Callable
 
 import torch
@@ -64,8 +65,32 @@ for _name in ("resnet18", "resnet34", "resnet50", "resnet101", "resnet152", "den
               "densenet161", "densenet169", "densenet201", "vgg11_bn", "vgg16_bn", "alexnet"):
     globals()[_name] = register_arch(_name)(_torchvision_builder(_name))
 
+
+
+@register_arch("densenet121_cifar")
+def densenet121_cifar(num_classes: int = 10) -> nn.Module:
+    """The paper's DenseNet121 for 32x32 CIFAR images (section 5.2, Table 1): torchvision's
+    DenseNet-BC (growth rate k=32, blocks 6-12-24-16, bottleneck 4k, compression 0.5) with a 3x3
+    stride-1 first conv of 2k=64 channels and no initial max-pool, then global average pooling and
+    a linear classifier. At 32x32 it has 888,350,720 MACs (paper: 888.36M; 888,442,880 for
+    CIFAR-100 vs 888.45M) and 6,956,426 params counting every BatchNorm (7,048,676 for CIFAR-100);
+    the paper prints 6.89M/6.99M, about 1% fewer, which no standard count of this structure gives
+    (conv + linear weights alone are 6.87M). torchvision's _DenseLayer/_Transition modules are
+    kept, so deploy() gathers their BatchNorms, and the state-dict keys are torchvision's
+    (``features.pool0`` is an Identity holding nothing)."""
+    model = torchvision.models.DenseNet(growth_rate=32, block_config=(6, 12, 24, 16),
+                                        num_init_features=64, bn_size=4, drop_rate=0,
+                                        num_classes=num_classes)
+    conv0 = nn.Conv2d(3, 64, kernel_size=3, stride=1, padding=1, bias=False)
+    nn.init.kaiming_normal_(conv0.weight)          # torchvision's init for its convs
+    model.features.conv0 = conv0
+    model.features.pool0 = nn.Identity()
+    return _tag(model, "densenet121_cifar", num_classes=num_classes)
+
+
 # input size each architecture is counted at (the paper's convention)
-INPUT_SIZES: dict[str, tuple[int, int, int]] = {"lenet5": (1, 28, 28)}
+INPUT_SIZES: dict[str, tuple[int, int, int]] = {"lenet5": (1, 28, 28),
+                                                "densenet121_cifar": (3, 32, 32)}
 
 
 def input_size_of(arch: str) -> tuple[int, int, int]:
@@ -120,9 +145,46 @@ def arch_of(model: nn.Module) -> dict | None:
 _BUILT_CLASS: dict[str, type] = {}   # builder name -> class it returns, learnt on first use
 
 
+# torchvision's pre-0.3 DenseNet keys ("denselayer1.norm.1.weight"), renamed as torchvision does
+_OLD_DENSENET_KEY = re.compile(
+    r"^(.*denselayer\d+\.(?:norm|relu|conv))\.((?:[12])\.(?:weight|bias|running_mean|running_var|num_batches_tracked))$")
+
+
+def _unwrap_state_dict(blob):
+    """The state dict inside a training checkpoint: ``{'state_dict'|'model'|'net': ...}`` (nested
+    wrappers too, e.g. {'model': {'state_dict': ...}}), other entries (epoch, acc, optimizer)
+    ignored."""
+    for _ in range(4):
+        if not isinstance(blob, dict) or all(isinstance(v, torch.Tensor) for v in blob.values()):
+            break
+        inner = next((blob[k] for k in ("state_dict", "model", "net", "model_state_dict")
+                      if isinstance(blob.get(k), dict)), None)
+        if inner is None:
+            break
+        blob = inner
+    return blob
+
+
+def _strip_prefixes(blob: dict) -> dict:
+    """Drop ``module.`` (DataParallel / DistributedDataParallel) prefixes, also repeated ones, and
+    rename old torchvision DenseNet keys."""
+    out = {}
+    for key, value in blob.items():
+        while key.startswith("module."):
+            key = key[len("module."):]
+        match = _OLD_DENSENET_KEY.match(key)
+        if match:
+            key = match.group(1) + match.group(2)
+        out[key] = value
+    return out
+
+
 def load_dense_weights(model: nn.Module, path: str) -> nn.Module:
-    """Load a dense state dict (torchvision's ``.pth`` or ``{'state_dict': ...}`` /
-    ``{'model': ...}`` wrappers, ``module.`` prefixes stripped) from a local file."""
+    """Load a dense state dict from a local file: torchvision's ``.pth``, or a training checkpoint
+    wrapping it as ``{'state_dict' | 'model' | 'net': ...}`` (e.g. the authors' / pytorch-cifar
+    style, extra keys such as epoch or acc ignored), with DataParallel ``module.`` prefixes
+    stripped. Read with ``weights_only=True``: nothing but tensors and plain containers is ever
+    unpickled."""
     import os
     if not os.path.isfile(path):
         raise CheckpointError(f"weights file not found: {path}")
@@ -131,12 +193,10 @@ def load_dense_weights(model: nn.Module, path: str) -> nn.Module:
     except Exception as exc:
         raise CheckpointError(f"cannot read weights {path}: {exc.__class__.__name__}: "
                               f"{str(exc).splitlines()[0] if str(exc) else 'corrupt file'}") from None
-    for key in ("state_dict", "model"):
-        if isinstance(blob, dict) and isinstance(blob.get(key), dict):
-            blob = blob[key]
-    if not isinstance(blob, dict) or not all(isinstance(v, torch.Tensor) for v in blob.values()):
+    blob = _unwrap_state_dict(blob)
+    if not isinstance(blob, dict) or not blob or not all(isinstance(v, torch.Tensor) for v in blob.values()):
         raise CheckpointError(f"{path} holds no state dict of tensors")
-    blob = {k.removeprefix("module."): v for k, v in blob.items()}
+    blob = _strip_prefixes(blob)
     try:
         result = model.load_state_dict(blob, strict=False)
     except RuntimeError as exc:   # shape mismatches
