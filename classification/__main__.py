@@ -1,19 +1,55 @@
-"""Entry point: `python -m classification demo [...]`. Thin: parses arguments and calls the
-pipeline; user errors print one line and exit 2."""
+"""Entry point: ``python -m classification VERB ...`` (or ``torchrun ... -m classification VERB``).
+
+    train     --config FILE [--resume] [KEY VALUE ...]   baseline training
+    compress  --config FILE [--resume] [KEY VALUE ...]   self-grouping (Algorithm 1, schemes G/LG/L)
+    eval      --config FILE [KEY VALUE ...]              top-1/top-5, Params, FLOPs of MODEL.WEIGHTS
+    sweep     --config FILE [--resume] [KEY VALUE ...]   one compress run per SWEEP value + curves
+    demo      [...]                                      LeNet-5 on Fashion-MNIST end to end
+
+Thin: parses arguments and calls the pipeline; user errors print one line and exit 2."""
 import argparse
 import sys
 
 from sgdet.errors import run_entry_point
 
+_HELP = {"train": "baseline training (SOLVER.*)",
+         "compress": "self-grouping compression with the SG.SCHEME fine-tuning",
+         "eval": "evaluate MODEL.WEIGHTS: top-1/top-5, Params, FLOPs",
+         "sweep": "one compress run per SWEEP.VALUES entry, table and accuracy-vs-compression curves"}
+
+
+def _add_config_verb(sub, verb: str) -> None:
+    p = sub.add_parser(verb, help=_HELP[verb],
+                       description=f"{_HELP[verb]}. Trailing KEY VALUE pairs override the config.")
+    p.add_argument("--config", required=True, metavar="FILE", help="YAML config (with _BASE_)")
+    if verb != "eval":
+        p.add_argument("--resume", action="store_true",
+                       help="continue from OUTPUT_DIR/last_checkpoint.pt (start fresh if there is none)")
+    p.add_argument("opts", nargs=argparse.REMAINDER, metavar="KEY VALUE",
+                   help="config overrides, e.g. SOLVER.LR 0.01 DATA.ROOT /data/imagenet")
+
 
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(prog="python -m classification")
     sub = parser.add_subparsers(dest="command", required=True)
+    for verb in ("train", "compress", "eval", "sweep"):
+        _add_config_verb(sub, verb)
     from . import demo
     demo.add_arguments(sub.add_parser("demo", help="LeNet-5 on Fashion-MNIST: train, compress, deploy"))
     args = parser.parse_args(argv)
-    commands = {"demo": demo.run}
-    return run_entry_point("classification", lambda: commands[args.command](args))
+
+    def action():
+        if args.command == "demo":
+            return demo.run(args)
+        from . import commands
+        opts = list(args.opts)
+        resume = bool(getattr(args, "resume", False))
+        if "--resume" in opts and args.command != "eval":    # allowed after the overrides too
+            opts.remove("--resume")
+            resume = True
+        return commands.main(args.command, args.config, opts, resume)
+
+    return run_entry_point("classification", action)
 
 
 if __name__ == "__main__":

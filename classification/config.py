@@ -15,8 +15,10 @@ def get_defaults() -> CfgNode:
 
     cfg.MODEL = CfgNode()
     cfg.MODEL.ARCH = "resnet50"    # a registered sgdet architecture
-    cfg.MODEL.NUM_CLASSES = 1000
+    cfg.MODEL.NUM_CLASSES = 1000   # 0: the number of classes of the data
     cfg.MODEL.WEIGHTS = ""         # dense .pth or sgdet checkpoint, by local path
+    cfg.MODEL.WEIGHTS_EPOCHS = 0   # epochs behind MODEL.WEIGHTS for the table (0: from an sgdet
+                                   # checkpoint's meta, else shown as '?')
     cfg.MODEL.INPUT_SIZE = [3, 224, 224]
 
     cfg.DATA = CfgNode()
@@ -35,6 +37,7 @@ def get_defaults() -> CfgNode:
     cfg.SOLVER.SCHEDULE = "multistep"   # multistep | cosine | constant
     cfg.SOLVER.MILESTONES = [30, 60]
     cfg.SOLVER.GAMMA = 0.1
+    cfg.SOLVER.EVAL_PERIOD = 1     # evaluate every N training epochs (0: only at the end)
 
     cfg.SG = CfgNode()
     cfg.SG.SCHEME = "G"            # G: global only | LG: local + global | L: local only
@@ -47,8 +50,10 @@ def get_defaults() -> CfgNode:
     cfg.SG.INCLUDE = []
     cfg.SG.EXCLUDE = ["*downsample*"]
     cfg.SG.N_INIT = 1
+    cfg.SG.EVAL_EACH_STEP = True   # evaluate after every pruning step (the curves of Figs. 4-6)
 
     cfg.SWEEP = CfgNode()
-    cfg.SWEEP.KEY = "SG.GROUPS"    # the config key the sweep varies
+    cfg.SWEEP.KEY = "SG.GROUPS"    # the config key the sweep varies; "A,B" varies several
+                                   # keys together (each value then a list [a, b])
     cfg.SWEEP.VALUES = []
     return cfg
