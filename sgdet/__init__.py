@@ -16,6 +16,10 @@ from .errors import CheckpointError, ConfigError, DatasetError, NumericalError, 
 from .grouping import centroid_prune, group_filters, importance_vectors
 from .layers import SGConv2d, SGLinear
 from .models import ARCHITECTURES, build, load_dense_weights, register_arch
+# detection: registers the detection backbones and the "faster_rcnn" architecture (so sgdet.load
+# rebuilds a saved detector); datasets and the COCO evaluator live in sgdet.detection_data / _eval
+from .backbones import BACKBONE_REGISTRY, build_backbone
+from .detection import build_faster_rcnn, detector_counts
 
 __version__ = "0.1.0"
 
@@ -26,4 +30,5 @@ __all__ = [
     "importance_vectors", "group_filters", "centroid_prune", "register_bn_conv_pairs",
     "ARCHITECTURES", "build", "register_arch", "load_dense_weights", "DEFAULT_EXCLUDE",
     "SGError", "ConfigError", "CheckpointError", "DatasetError", "NumericalError",
+    "BACKBONE_REGISTRY", "build_backbone", "build_faster_rcnn", "detector_counts",
 ]

@@ -101,7 +101,10 @@ def build(name: str, **kwargs) -> nn.Module:
     """Build a registered architecture; an unknown name lists the choices."""
     if name not in ARCHITECTURES:
         raise ConfigError(f"unknown architecture {name!r}; choose from: {', '.join(sorted(ARCHITECTURES))}")
-    return ARCHITECTURES[name](**kwargs)
+    try:
+        return ARCHITECTURES[name](**kwargs)
+    except TypeError as exc:   # e.g. faster_rcnn needs a backbone name; a wrong kwarg
+        raise ConfigError(f"cannot build architecture {name!r} with {kwargs}: {exc}") from None
 
 
 def _num_classes(model: nn.Module) -> int | None:
