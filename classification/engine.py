@@ -910,12 +910,9 @@ def teardown_logging() -> None:
 def setup_logging(ctx: DistContext, output_dir: str | None = None) -> None:
     """Rank 0 logs INFO to stderr and OUTPUT_DIR/log.txt; other ranks only errors."""
     fmt = logging.Formatter("[%(asctime)s %(name)s] %(message)s", "%m/%d %H:%M:%S")
+    teardown_logging()                 # a second setup (sweep runs, tests) replaces the first
     for name in ("classification", "sgdet"):
         logger = logging.getLogger(name)
-        for h in list(logger.handlers):
-            if getattr(h, _HANDLER_TAG, False):
-                logger.removeHandler(h)
-                h.close()
         logger.propagate = False
         if not ctx.is_main:
             logger.setLevel(logging.ERROR)
