@@ -11,7 +11,6 @@ from dataclasses import dataclass
 
 import torch
 import torchvision
-from torch.utils.data import BatchSampler, DataLoader, RandomSampler, SequentialSampler, TensorDataset
 
 from sgdet.errors import DatasetError
 
@@ -93,17 +92,3 @@ def load_mnist_style(name: str = "fashion-mnist", data: str | None = None, downl
         images = (ds.data.unsqueeze(1).float() / 255.0 - mean) / std
         splits.append(TensorSplit(images, ds.targets.long()))
     return splits[0], splits[1]
-
-
-def tensor_loader(split: TensorSplit, batch_size: int, shuffle: bool, seed: int = 0,
-                  limit: int | None = None) -> DataLoader:
-    """A DataLoader that indexes whole batches of an in-memory split (no per-sample overhead)."""
-    images, labels = split.images, split.labels
-    if limit is not None:
-        images, labels = images[:limit], labels[:limit]
-    dataset = TensorDataset(images, labels)
-    if shuffle:
-        sampler = RandomSampler(dataset, generator=torch.Generator().manual_seed(seed))
-    else:
-        sampler = SequentialSampler(dataset)
-    return DataLoader(dataset, sampler=BatchSampler(sampler, batch_size, drop_last=False), batch_size=None)

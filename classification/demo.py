@@ -18,14 +18,67 @@ import sgdet
 from sgdet.counting import format_count
 from sgdet.visualize import plot_group_structure
 
-from .data import load_mnist_style, tensor_loader
-from .trainer import evaluate, fit, local_finetune_hook
+from .config import get_defaults
+from .data import find_mnist_root, load_mnist_style
+from .datasets import build_datasets
+from .engine import Trainer
 
 
 def seed_everything(seed: int) -> None:
     random.seed(seed)
     np.random.seed(seed)
     torch.manual_seed(seed)
+
+
+def demo_config(args: argparse.Namespace, root: str):
+    """The engine's config for the demo: LeNet-5, Fashion-MNIST, single process, CPU or GPU."""
+    cfg = get_defaults()
+    cfg.OUTPUT_DIR = args.out
+    cfg.SEED = args.seed
+    cfg.MODEL.ARCH, cfg.MODEL.NUM_CLASSES, cfg.MODEL.INPUT_SIZE = "lenet5", 10, [1, 28, 28]
+    cfg.DATA.NAME, cfg.DATA.ROOT, cfg.DATA.WORKERS = "fashion-mnist", root, 0
+    cfg.DATA.BATCH_SIZE, cfg.DATA.TEST_BATCH_SIZE = args.batch_size, 1000
+    cfg.DATA.LIMIT_TRAIN = args.limit or 0
+    cfg.freeze()
+    return cfg
+
+
+class DemoTraining:
+    """The demo's training on the engine's Trainer: SGD with a per-epoch cosine schedule, local
+    fine-tuning by a number of batches, evaluation of any model on the test split."""
+
+    def __init__(self, cfg, train_ds, val_ds, progress: bool | None) -> None:
+        self.cfg, self.train_ds, self.val_ds, self.progress = cfg, train_ds, val_ds, progress
+        self.epochs_seen = 0           # varies the shuffle from one pass to the next
+
+    def _trainer(self, model: torch.nn.Module) -> Trainer:
+        trainer = Trainer(self.cfg, model, self.train_ds, self.val_ds, progress=self.progress)
+        trainer._wrap()
+        return trainer
+
+    def _pass(self, trainer: Trainer, optimizer, desc: str, max_steps: int | None = None) -> dict:
+        trainer.state["epochs_seen"] = self.epochs_seen
+        self.epochs_seen += 1
+        return trainer.train_epoch(optimizer, desc, max_steps)
+
+    def fit(self, model: torch.nn.Module, epochs: int, lr: float, desc: str) -> None:
+        trainer = self._trainer(model)
+        optimizer = trainer._optimizer(lr)
+        for epoch in range(epochs):
+            for group in optimizer.param_groups:   # cosine over the epochs
+                group["lr"] = lr * 0.5 * (1 + np.cos(np.pi * epoch / epochs))
+            self._pass(trainer, optimizer, f"{desc} {epoch + 1}/{epochs}")
+
+    def local_hook(self, lr: float, steps: int):
+        """Algorithm 1, line 12: ``steps`` batches at a constant ``lr`` after each pruning step."""
+        def hook(model: torch.nn.Module, t: int) -> None:
+            trainer = self._trainer(model)
+            self._pass(trainer, trainer._optimizer(lr), f"local t={t}", steps)
+        return hook
+
+    def evaluate(self, model: torch.nn.Module) -> dict:
+        result = self._trainer(model).evaluate()
+        return {"loss": result["loss"], "top1": result["top1"], "top5": result["top5"]}
 
 
 def _write_text(path: str, text: str) -> None:
@@ -75,17 +128,19 @@ def run(args: argparse.Namespace) -> dict:
     os.makedirs(args.out, exist_ok=True)
     _write_text(os.path.join(args.out, "config.json"), json.dumps(vars(args), indent=2) + "\n")
     seed_everything(args.seed)
-    progress = not args.no_progress
-    train, test = load_mnist_style("fashion-mnist", args.data, args.download)
-    train_loader = tensor_loader(train, args.batch_size, shuffle=True, seed=args.seed, limit=args.limit)
-    test_loader = tensor_loader(test, 1000, shuffle=False)
+    progress = False if args.no_progress else None   # None: bars on a terminal only
+    if args.download:                  # torchvision fetches the files into the cache once
+        load_mnist_style("fashion-mnist", args.data, download=True)
+    cfg = demo_config(args, find_mnist_root("fashion-mnist", args.data, args.download))
+    train_ds, test_ds = build_datasets(cfg)
+    training = DemoTraining(cfg, train_ds, test_ds, progress)
     size = (1, 28, 28)
-    print(f"Fashion-MNIST: {len(train_loader.dataset)} training / {len(test.labels)} test images "
+    print(f"Fashion-MNIST: {len(train_ds)} training / {len(test_ds)} test images "
           f"({os.path.abspath(args.out)})")
 
     baseline = sgdet.models.lenet5(num_classes=10)
-    fit(baseline, train_loader, args.epochs, args.lr, desc="baseline", progress=progress)
-    base_eval = evaluate(baseline, test_loader, progress=progress)
+    training.fit(baseline, args.epochs, args.lr, desc="baseline")
+    base_eval = training.evaluate(baseline)
     base_count = sgdet.count(baseline, size)
     sgdet.save(baseline, os.path.join(args.out, "lenet5_baseline.sg.pt"),
                meta={"eval": base_eval, "counts": base_count})
@@ -96,7 +151,7 @@ def run(args: argparse.Namespace) -> dict:
 
     # Algorithm 1 with local fine-tuning; snapshot the network when a reported level is reached
     snapshots: dict[float, tuple[torch.nn.Module, int]] = {}
-    local = local_finetune_hook(train_loader, lr=0.01, steps=args.local_steps, progress=progress)
+    local = training.local_hook(lr=0.01, steps=args.local_steps)
 
     def hook(model: torch.nn.Module, t: int) -> None:
         local(model, t)
@@ -115,11 +170,10 @@ def run(args: argparse.Namespace) -> dict:
 
     for level in levels:
         compressed, steps_done = snapshots[level]
-        fit(compressed, train_loader, args.finetune_epochs, 0.01, desc=f"global {level:.2f}",
-            progress=progress)
-        masked_eval = evaluate(compressed, test_loader, progress=progress)
+        training.fit(compressed, args.finetune_epochs, 0.01, desc=f"global {level:.2f}")
+        masked_eval = training.evaluate(compressed)
         deployed = sgdet.deploy(compressed)
-        deployed_eval = evaluate(deployed, test_loader, progress=progress)
+        deployed_eval = training.evaluate(deployed)
         counts = sgdet.count(compressed, size)
         deployed_counts = sgdet.count(deployed, size)
         if deployed_counts["flops"] != counts["flops"] or deployed_counts["params"] > counts["params"]:

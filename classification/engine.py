@@ -19,6 +19,7 @@ run in the paper's format), ``last_checkpoint.pt`` (resume) and ``model_final.sg
 from __future__ import annotations
 
 import inspect
+import itertools
 import json
 import logging
 import math
@@ -427,8 +428,10 @@ class Trainer:
         return sgdet.count(self.model, self.input_size)
 
     # ------------------------------------------------------------------------- one epoch
-    def train_epoch(self, optimizer: torch.optim.Optimizer, desc: str) -> dict:
-        """One pass over the training set (this rank's shard); returns loss, top-1, skipped."""
+    def train_epoch(self, optimizer: torch.optim.Optimizer, desc: str,
+                    max_steps: int | None = None) -> dict:
+        """One pass over the training set (this rank's shard), or its first ``max_steps``
+        batches (local fine-tuning by iterations); returns loss, top-1, skipped."""
         loader = self.train_loader
         loader.sampler.set_epoch(self.state["epochs_seen"])
         self.net.train()
@@ -436,7 +439,10 @@ class Trainer:
         loss_sum = torch.zeros((), dtype=torch.float64, device=self.device)
         correct = torch.zeros((), dtype=torch.int64, device=self.device)
         seen = skipped = small = 0
-        bar = tqdm(loader, desc=desc, leave=False, disable=self.progress_disabled, dynamic_ncols=True)
+        batches = loader if max_steps is None else itertools.islice(loader, max_steps)
+        total = len(loader) if max_steps is None else min(len(loader), max_steps)
+        bar = tqdm(batches, total=total, desc=desc, leave=False, disable=self.progress_disabled,
+                   dynamic_ncols=True)
         for i, (images, labels, n_skipped) in enumerate(bar):
             skipped += n_skipped
             n = labels.numel()

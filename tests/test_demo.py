@@ -11,7 +11,7 @@ import pytest
 import torch
 
 import sgdet
-from classification.data import find_mnist_root, load_mnist_style, tensor_loader
+from classification.data import find_mnist_root, load_mnist_style
 from sgdet.errors import DatasetError
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -48,15 +48,6 @@ def test_loader_reads_idx_gz_through_torchvision(idx_folder, tmp_path):
     assert os.path.isfile(os.path.join(cached, "FashionMNIST", "raw", "train-images-idx3-ubyte"))
     again, _ = load_mnist_style("fashion-mnist", cached)
     assert torch.equal(again.images, train.images)
-
-
-def test_tensor_loader_batches_and_is_seeded(idx_folder):
-    train, _ = load_mnist_style("fashion-mnist", idx_folder)
-    first = [y for _, y in tensor_loader(train, 100, shuffle=True, seed=3)]
-    second = [y for _, y in tensor_loader(train, 100, shuffle=True, seed=3)]
-    assert [len(y) for y in first] == [100] * 5 + [12]
-    assert all(torch.equal(a, b) for a, b in zip(first, second))
-    assert sorted(torch.cat(first).tolist()) == sorted(train.labels.tolist())
 
 
 def test_missing_or_wrong_folders_are_clear_errors(tmp_path, monkeypatch):
