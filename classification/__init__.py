@@ -1,2 +1,3 @@
 """classification: training, compressing and evaluating classifiers with SG-CNN (LeNet-5 on
-MNIST-style data now; CIFAR and ImageNet set-ups build on the same trainer)."""
+MNIST-style data, DenseNet121 on CIFAR, ResNet50/DenseNet201 on ImageNet), all through the one
+Trainer in classification/engine.py."""
