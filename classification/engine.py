@@ -38,7 +38,7 @@ from tqdm.auto import tqdm
 
 import sgdet
 from sgdet.checkpoint import FORMAT, VERSION, atomic_torch_save, describe, form_of, plain, read
-from sgdet.compress import _validate as validate_sg_arguments
+from sgdet.compress import validate_arguments as validate_sg_arguments
 from sgdet.compress import prune_step
 from sgdet.counting import format_count
 from sgdet.errors import CheckpointError, ConfigError, NumericalError

@@ -35,8 +35,8 @@ def cmd_compress(args: argparse.Namespace) -> None:
     import torch
 
     from . import compress, models, save
-    from .compress import _validate
-    _validate(args.conv_ratio, args.fc_ratio, args.groups, args.step, args.seed, args.n_init)
+    from .compress import validate_arguments
+    validate_arguments(args.conv_ratio, args.fc_ratio, args.groups, args.step, args.seed, args.n_init)
     if args.num_classes is not None and args.num_classes < 1:
         raise ConfigError(f"--num-classes must be >= 1, got {args.num_classes}")
     if os.path.isdir(args.out):

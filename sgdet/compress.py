@@ -104,7 +104,7 @@ def _is_int(value) -> bool:
     return isinstance(value, numbers.Integral) and not isinstance(value, bool)
 
 
-def _validate(conv_ratio: float, fc_ratio: float, groups: int, step: float | None,
+def validate_arguments(conv_ratio: float, fc_ratio: float, groups: int, step: float | None,
               seed: int = 0, n_init: int = 1) -> None:
     """Reject bad arguments up front with a ConfigError naming the argument."""
     for label, value in (("conv_ratio", conv_ratio), ("fc_ratio", fc_ratio)):
@@ -161,7 +161,7 @@ def compress(model: nn.Module, conv_ratio: float, fc_ratio: float, groups: int =
     Each step t prunes every conv layer to min(t*step, conv_ratio) and every FC layer to
     min(t*step, fc_ratio) of its connections, then calls ``finetune(model, t)`` (local
     fine-tuning) if given. ``step=None`` prunes in one shot. Returns one StepRecord per step."""
-    _validate(conv_ratio, fc_ratio, groups, step, seed, n_init)
+    validate_arguments(conv_ratio, fc_ratio, groups, step, seed, n_init)
     groups, seed, n_init = int(groups), int(seed), int(n_init)
     conv_ratio, fc_ratio = float(conv_ratio), float(fc_ratio)
     step = None if step is None else float(step)

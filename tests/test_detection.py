@@ -220,16 +220,21 @@ def test_masks_survive_detection_training(sg_checkpoint):
     assert model.training is False         # counting kept the detector's mode
 
 
-def test_deployed_backbone_matches_masked(sg_checkpoint):
-    masked = build_backbone("sg_resnet50", weights=sg_checkpoint).eval()
-    deployed = build_backbone("sg_resnet50", weights=sg_checkpoint, deploy=True).eval()
-    assert not _sg_layers(deployed) and any(isinstance(m, sgdet.DiverseGroupConv2d) for m in deployed.modules())
+def _assert_same_features_and_head(masked, deployed):
+    """The deployed backbone and box head reproduce the masked ones on a random image."""
     x = torch.rand(1, 3, 96, 96)
     with torch.no_grad():
         a, b = masked(x)["0"], deployed(x)["0"]
         ha, hb = masked.box_head(a), deployed.box_head(b)
     assert torch.allclose(a, b, atol=1e-4 * max(1.0, float(a.abs().max())))
     assert torch.allclose(ha, hb, atol=1e-4 * max(1.0, float(ha.abs().max())))
+
+
+def test_deployed_backbone_matches_masked(sg_checkpoint):
+    masked = build_backbone("sg_resnet50", weights=sg_checkpoint).eval()
+    deployed = build_backbone("sg_resnet50", weights=sg_checkpoint, deploy=True).eval()
+    assert not _sg_layers(deployed) and any(isinstance(m, sgdet.DiverseGroupConv2d) for m in deployed.modules())
+    _assert_same_features_and_head(masked, deployed)
 
 
 def test_dense_backbone_refuses_masked_checkpoint(sg_checkpoint):
@@ -451,9 +456,4 @@ def test_densenet_c4_split_and_deploy(tmp_path):
     deployed = build_backbone("sg_densenet201", weights=path, deploy=True).eval()
     assert masked.out_channels == 1024 and masked.box_head.representation_size == 1024  # densenet121
     assert any(isinstance(m, sgdet.GatheredBatchNorm2d) for m in deployed.box_head.modules())
-    x = torch.rand(1, 3, 96, 96)
-    with torch.no_grad():
-        a, b = masked(x)["0"], deployed(x)["0"]
-        ha, hb = masked.box_head(a), deployed.box_head(b)
-    assert torch.allclose(a, b, atol=1e-4 * max(1.0, float(a.abs().max())))
-    assert torch.allclose(ha, hb, atol=1e-4 * max(1.0, float(ha.abs().max())))
+    _assert_same_features_and_head(masked, deployed)
