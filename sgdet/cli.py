@@ -1,5 +1,6 @@
-"""The ``sgdet`` command line: compress a registered architecture, deploy a masked checkpoint, and
-show what a checkpoint holds. Thin: every verb calls the public API. Errors print one line and
+"""The ``sgdet`` command line: compress a registered architecture, deploy a masked checkpoint,
+export a deployed one (TorchScript, ONNX), and show what a checkpoint holds. Thin: every verb
+calls the public API. Errors print one line and
 exit with status 2."""
 from __future__ import annotations
 
@@ -79,6 +80,45 @@ def cmd_deploy(args: argparse.Namespace) -> None:
         print(json.dumps({"out": args.out}))
 
 
+def cmd_export(args: argparse.Namespace) -> None:
+    import torch
+
+    from . import deploy, load, models
+    from .checkpoint import form_of
+    from .counting import count_params
+    from .export import FORMATS, export
+    if args.format not in FORMATS:     # argparse choices would print a usage block, not one line
+        raise ConfigError(f"unknown --format {args.format!r}; choose from: {', '.join(FORMATS)}")
+    if os.path.isdir(args.out):
+        raise ConfigError(f"--out {args.out} is a directory; give a file name")
+    if args.batch < 1:
+        raise ConfigError(f"--batch must be >= 1, got {args.batch}")
+    if args.format == "onnx":
+        from .export import _require_onnx
+        _require_onnx()                # say so before spending time on loading and deploying
+    arch = (read(args.file).get("arch") or {}).get("name")
+    model = load(args.file)
+    if form_of(model) == "masked":
+        model = deploy(model)          # a masked checkpoint is deployed first
+    model.eval()
+    size = tuple(args.input_size) if args.input_size else models.input_size_of(arch) if arch else None
+    if size is None:
+        raise ConfigError(f"{args.file} names no architecture; give --input-size C H W")
+    torch.manual_seed(0)
+    example = torch.randn(args.batch, *size)
+    if args.optimize:
+        from .fast import optimize
+        optimize(model, example if args.calibrate else None)
+    info = export(model, args.out, args.format, example, opset=args.opset)
+    info["deployed_params"] = count_params(model)
+    if args.json:
+        print(json.dumps(info))
+        return
+    weights = f", {format_count(info['weights'])} weights in the graph" if info["weights"] else ""
+    print(f"saved {args.format} model {args.out} ({format_count(info['deployed_params'])} params{weights}; "
+          f"max |diff| vs PyTorch {info['max_abs_diff']:.2g})")
+
+
 def cmd_info(args: argparse.Namespace) -> None:
     from . import load, models
     payload = read(args.file)
@@ -147,6 +187,22 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", required=True)
     p.add_argument("--json", action="store_true")
     p.set_defaults(func=cmd_deploy)
+
+    p = sub.add_parser("export", help="write a deployed (or masked: deployed first) checkpoint as "
+                       "TorchScript or ONNX, checked against PyTorch")
+    p.add_argument("file")
+    p.add_argument("--format", required=True, help="torchscript or onnx")
+    p.add_argument("--out", required=True)
+    p.add_argument("--optimize", action="store_true", help="fold permutations, drop dead channels "
+                   "and give each layer its fastest exact plan (sgdet.fast) before exporting")
+    p.add_argument("--calibrate", action="store_true", help="with --optimize: time the candidate "
+                   "plans on this machine's CPU instead of using the cost model")
+    p.add_argument("--input-size", type=int, nargs=3, metavar=("C", "H", "W"),
+                   help="example input size (default: the architecture's)")
+    p.add_argument("--batch", type=int, default=1, help="example batch (the exported batch is dynamic)")
+    p.add_argument("--opset", type=int, default=17, help="ONNX opset, 17 or later")
+    p.add_argument("--json", action="store_true")
+    p.set_defaults(func=cmd_export)
 
     p = sub.add_parser("info", help="per-layer groups and kept channels of a checkpoint")
     p.add_argument("file")

@@ -38,8 +38,17 @@ class _DiverseGroup(nn.Module):
     """Shared state of deployed layers: the gather index, group sizes and the output order."""
 
     def _init_groups(self, out_features: int, group_out: list[int], group_in: list[int],
-                     kernel: tuple[int, ...], bias: bool, source_in: int) -> None:
+                     kernel: tuple[int, ...], bias: bool, source_in: int,
+                     source_out: int | None = None, plan: dict | None = None) -> None:
         self.source_in = int(source_in)   # input width of the dense layer this one came from
+        # output width of that dense layer: the dead-channel pass (sgdet.fast) may drop filters
+        self.source_out = int(source_out if source_out is not None else out_features)
+        self.plan = None if plan is None else {"mode": str(plan["mode"]),
+                                               "buckets": [[int(g) for g in b] for b in plan["buckets"]]}
+        self._exec: list[tuple] = []       # fast-path pieces, rebuilt by refresh()
+        self._exec_out_name: str | None = None
+        self._synced: tuple = ()
+        self._reorder = True
         self.group_out = [int(v) for v in group_out]
         self.group_in = [int(v) for v in group_in]
         self.out_features_total = out_features
@@ -48,6 +57,7 @@ class _DiverseGroup(nn.Module):
         self.weights = nn.ParameterList(
             [nn.Parameter(torch.empty(o, i, *kernel)) for o, i in zip(self.group_out, self.group_in)])
         self.bias = nn.Parameter(torch.zeros(out_features)) if bias else None
+        self.register_load_state_dict_post_hook(lambda module, keys: module.refresh())
 
     def _fill(self, layer: nn.Module, in_map: torch.Tensor | None) -> None:
         order, out_order, in_index, _, _, per_group = _group_layout(layer, in_map)
@@ -58,21 +68,147 @@ class _DiverseGroup(nn.Module):
             start = 0
             for param, size, channels in zip(self.weights, self.group_out, per_group):
                 filters = order[start:start + size]
-                param.copy_(weight[filters][:, channels])
+                param.copy_(weight[filters.view(-1, 1), channels.view(1, -1)])   # no full-row copies
                 start += size
             if self.bias is not None:
                 self.bias.copy_(layer.bias.detach()[order])
+        self.refresh()
 
     def _bias_slice(self, start: int, size: int):
         return None if self.bias is None else self.bias[start:start + size]
 
     def structure(self) -> dict:
         return {"group_out": self.group_out, "group_in": self.group_in,
-                "bias": self.bias is not None, "source_in": self.source_in}
+                "bias": self.bias is not None, "source_in": self.source_in,
+                "source_out": self.source_out, "plan": self.plan}
 
     def pruned_fraction(self) -> float:
         kept = sum(o * i for o, i in zip(self.group_out, self.group_in))
-        return 1.0 - kept / (self.out_features_total * self.source_in)
+        return 1.0 - kept / (self.source_out * self.source_in)
+
+    # --- fast execution (sgdet.fast chooses the plan; here it is only carried out) -------------
+    # The parameters stay the per-group weights (the deployed count). A plan describes how to
+    # run them: "loop" runs each bucket of merged groups as one dense layer over the union of its
+    # groups' inputs (zero-filled), "grouped" runs all buckets, padded to one size, as a single
+    # grouped convolution, "dense" one layer over every input. Its tensors are derived buffers,
+    # not state: rebuilt from the weights on load and whenever the weights change.
+
+    def _versions(self) -> tuple:
+        return tuple(p._version for p in self.parameters(recurse=False)) + tuple(
+            w._version for w in self.weights)
+
+    @torch.no_grad()
+    def refresh(self) -> None:
+        """Recompute the output-reorder flag and the plan's execution tensors from the weights."""
+        self._reorder = not torch.equal(self.out_order.cpu(), torch.arange(self.out_order.numel()))
+        for name in [n for n in self._buffers if n.startswith("_x")]:
+            del self._buffers[name]
+        self._exec, self._exec_out_name = [], None
+        if self.plan is not None:
+            self._build_exec()
+        self._synced = self._versions()
+
+    def _group_segments(self):
+        """Per group: (input indices into the layer input, weight, output positions in cat order)."""
+        segments, start_in, start_out = [], 0, 0
+        for g, (size_out, size_in) in enumerate(zip(self.group_out, self.group_in)):
+            segments.append((self.in_index[start_in:start_in + size_in], self.weights[g],
+                             torch.arange(start_out, start_out + size_out, device=self.in_index.device)))
+            start_in += size_in
+            start_out += size_out
+        return segments
+
+    def _build_exec(self) -> None:
+        mode, buckets = self.plan["mode"], self.plan["buckets"]
+        segments = self._group_segments()
+        ref = self.in_index
+        kernel = tuple(self.weights[0].shape[2:]) if len(self.weights) else ()
+        dtype = self.weights[0].dtype if len(self.weights) else torch.float32
+        width = self._input_width()
+        pieces = []           # (channels or None for all, weight, bias, cat positions)
+        for bucket in buckets:
+            if mode == "dense":
+                chans = torch.arange(width, device=ref.device)
+            else:
+                parts = [segments[g][0] for g in bucket]
+                chans = torch.unique(torch.cat(parts)) if parts else ref.new_zeros(0)
+            rows = torch.cat([segments[g][2] for g in bucket]) if bucket else ref.new_zeros(0)
+            weight = torch.zeros(rows.numel(), chans.numel(), *kernel, dtype=dtype, device=ref.device)
+            start = 0
+            for g in bucket:
+                index, w, _ = segments[g]
+                cols = torch.searchsorted(chans, index)
+                weight[start:start + w.shape[0], cols] = w.detach()
+                start += w.shape[0]
+            bias = None if self.bias is None else self.bias.detach()[rows]
+            pieces.append((chans, weight, bias, rows))
+        if mode == "grouped":
+            pieces = [self._pad_pieces(pieces, kernel, dtype)]
+        cat_rows = torch.cat([p[3] for p in pieces])            # exec position -> cat position
+        position = torch.full((self.out_features_total,), -1, dtype=torch.long, device=ref.device)
+        real = cat_rows >= 0
+        position[cat_rows[real]] = torch.nonzero(real).flatten()
+        exec_out = position[self.out_order]                     # output channel -> exec position
+        for i, (chans, weight, bias, _) in enumerate(pieces):
+            full = chans.numel() == width and torch.equal(chans, torch.arange(width, device=chans.device))
+            self.register_buffer(f"_xi{i}", None if full else chans.clone(), persistent=False)
+            self.register_buffer(f"_xw{i}", weight, persistent=False)
+            self.register_buffer(f"_xb{i}", bias, persistent=False)
+            self._exec.append((f"_xi{i}", f"_xw{i}", f"_xb{i}", int(weight.shape[0]), int(chans.numel())))
+        if cat_rows.numel() != exec_out.numel() or not torch.equal(
+                exec_out, torch.arange(exec_out.numel(), device=exec_out.device)):
+            self.register_buffer("_xo", exec_out, persistent=False)
+            self._exec_out_name = "_xo"
+
+    def _pad_pieces(self, pieces, kernel, dtype):
+        """One grouped piece: every bucket padded to the largest bucket's inputs and outputs with
+        zero weights (padding reads channel 0 and emits rows that are never selected)."""
+        n_in = max(1, max(p[0].numel() for p in pieces))
+        n_out = max(p[1].shape[0] for p in pieces)
+        device = self.in_index.device
+        chans = torch.zeros(len(pieces) * n_in, dtype=torch.long, device=device)
+        weight = torch.zeros(len(pieces) * n_out, n_in, *kernel, dtype=dtype, device=device)
+        bias = None if self.bias is None else torch.zeros(len(pieces) * n_out, dtype=dtype, device=device)
+        rows = torch.full((len(pieces) * n_out,), -1, dtype=torch.long, device=device)
+        for b, (c, w, bb, r) in enumerate(pieces):
+            chans[b * n_in:b * n_in + c.numel()] = c
+            weight[b * n_out:b * n_out + w.shape[0], :w.shape[1]] = w
+            if bias is not None:
+                bias[b * n_out:b * n_out + w.shape[0]] = bb
+            rows[b * n_out:b * n_out + w.shape[0]] = r
+        return chans, weight, bias, rows
+
+    def _fast_active(self) -> bool:
+        """The plan runs in eval mode without autograd; training and gradients use the exact
+        per-group form, whose parameters are the ones an optimiser updates."""
+        return self.plan is not None and not self.training and not torch.is_grad_enabled()
+
+    def _sync(self) -> None:
+        if torch.jit.is_tracing() or torch.compiler.is_compiling():
+            return
+        if self._versions() != self._synced:
+            self.refresh()
+
+    def _run_fast(self, x: torch.Tensor, dim: int, op) -> torch.Tensor:
+        self._sync()
+        outputs = []
+        for index_name, weight_name, bias_name, size_out, size_in in self._exec:
+            index, weight, bias = (getattr(self, index_name), getattr(self, weight_name),
+                                   getattr(self, bias_name))
+            if size_in == 0:
+                outputs.append(self._constant_output(x, size_out, bias))
+                continue
+            outputs.append(op(x if index is None else x.index_select(dim, index), weight, bias))
+        y = outputs[0] if len(outputs) == 1 else torch.cat(outputs, dim)
+        if self._exec_out_name is not None:
+            y = y.index_select(dim, getattr(self, self._exec_out_name))
+        return y
+
+    def exec_macs_per_position(self) -> int:
+        """Multiply-accumulates per output position of what actually runs now."""
+        if self._fast_active():
+            return sum(getattr(self, w).numel() for _, w, _, _, size_in in self._exec if size_in)
+        return sum(w.numel() for w in self.weights)
 
 
 class DiverseGroupConv2d(_DiverseGroup):
@@ -80,14 +216,27 @@ class DiverseGroupConv2d(_DiverseGroup):
 
     def __init__(self, in_channels: int, out_channels: int, kernel_size, stride=1, padding=0,
                  dilation=1, group_out=(), group_in=(), bias: bool = True,
-                 source_in: int | None = None) -> None:
+                 source_in: int | None = None, source_out: int | None = None,
+                 plan: dict | None = None) -> None:
         super().__init__()
         self.in_channels, self.out_channels = in_channels, out_channels
         pair = nn.modules.utils._pair
         self.kernel_size, self.stride, self.dilation = pair(kernel_size), pair(stride), pair(dilation)
         self.padding = padding if isinstance(padding, str) else pair(padding)
         self._init_groups(out_channels, list(group_out), list(group_in), self.kernel_size, bias,
-                          source_in or in_channels)
+                          source_in or in_channels, source_out, plan)
+        self.refresh()
+
+    def _input_width(self) -> int:
+        return self.in_channels
+
+    def _constant_output(self, x: torch.Tensor, size: int, bias) -> torch.Tensor:
+        y = self._empty_output(x, size)
+        return y if bias is None else y + bias.view(1, -1, 1, 1)
+
+    def _conv(self, x: torch.Tensor, weight: torch.Tensor, bias) -> torch.Tensor:
+        groups = x.shape[1] // weight.shape[1]
+        return F.conv2d(x, weight, bias, self.stride, self.padding, self.dilation, groups)
 
     @classmethod
     def from_sg(cls, layer: SGConv2d, in_map: torch.Tensor | None = None,
@@ -117,35 +266,49 @@ class DiverseGroupConv2d(_DiverseGroup):
         return x.new_zeros(x.shape[0], size, *self._output_size(*x.shape[2:]))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self._fast_active():
+            return self._run_fast(x, 1, self._conv)
         gathered = x.index_select(1, self.in_index)
         outputs, start_in, start_out = [], 0, 0
         for weight, size_out, size_in in zip(self.weights, self.group_out, self.group_in):
             bias = self._bias_slice(start_out, size_out)
             if size_in == 0:
-                y = self._empty_output(x, size_out)
-                y = y if bias is None else y + bias.view(1, -1, 1, 1)
+                y = self._constant_output(x, size_out, bias)
+            elif size_out == 0:
+                start_in += size_in
+                continue
             else:
                 y = F.conv2d(gathered[:, start_in:start_in + size_in], weight, bias,
                              self.stride, self.padding, self.dilation)
             outputs.append(y)
             start_in += size_in
             start_out += size_out
-        return torch.cat(outputs, 1).index_select(1, self.out_order)
+        y = torch.cat(outputs, 1)
+        return y.index_select(1, self.out_order) if self._reorder else y
 
     def sg_macs(self, x: torch.Tensor, output: torch.Tensor) -> int:
         spatial = output.shape[0] * output[0, 0].numel()
-        return spatial * sum(w.numel() for w in self.weights)
+        return spatial * self.exec_macs_per_position()
 
 
 class DiverseGroupLinear(_DiverseGroup):
     """The fully-connected form (Eq. 4 with diverse groups)."""
 
     def __init__(self, in_features: int, out_features: int, group_out=(), group_in=(),
-                 bias: bool = True, source_in: int | None = None) -> None:
+                 bias: bool = True, source_in: int | None = None, source_out: int | None = None,
+                 plan: dict | None = None) -> None:
         super().__init__()
         self.in_features, self.out_features = in_features, out_features
         self._init_groups(out_features, list(group_out), list(group_in), (), bias,
-                          source_in or in_features)
+                          source_in or in_features, source_out, plan)
+        self.refresh()
+
+    def _input_width(self) -> int:
+        return self.in_features
+
+    def _constant_output(self, x: torch.Tensor, size: int, bias) -> torch.Tensor:
+        y = x.new_zeros(*x.shape[:-1], size)
+        return y if bias is None else y + bias
 
     @classmethod
     def from_sg(cls, layer: SGLinear, in_map: torch.Tensor | None = None,
@@ -161,22 +324,27 @@ class DiverseGroupLinear(_DiverseGroup):
                 **super().structure()}
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self._fast_active():
+            return self._run_fast(x, -1, F.linear)
         gathered = x.index_select(-1, self.in_index)
         outputs, start_in, start_out = [], 0, 0
         for weight, size_out, size_in in zip(self.weights, self.group_out, self.group_in):
             bias = self._bias_slice(start_out, size_out)
             if size_in == 0:
-                y = x.new_zeros(*x.shape[:-1], size_out)
-                y = y if bias is None else y + bias
+                y = self._constant_output(x, size_out, bias)
+            elif size_out == 0:
+                start_in += size_in
+                continue
             else:
                 y = F.linear(gathered[..., start_in:start_in + size_in], weight, bias)
             outputs.append(y)
             start_in += size_in
             start_out += size_out
-        return torch.cat(outputs, -1).index_select(-1, self.out_order)
+        y = torch.cat(outputs, -1)
+        return y.index_select(-1, self.out_order) if self._reorder else y
 
     def sg_macs(self, x: torch.Tensor, output: torch.Tensor) -> int:
-        return (output.numel() // self.out_features) * sum(w.numel() for w in self.weights)
+        return (output.numel() // self.out_features) * self.exec_macs_per_position()
 
 
 class GatheredBatchNorm2d(nn.BatchNorm2d):
@@ -189,6 +357,13 @@ class GatheredBatchNorm2d(nn.BatchNorm2d):
         super().__init__(num_features, eps, momentum, affine, track_running_stats)
         self.in_channels = in_channels
         self.register_buffer("channel_index", torch.arange(num_features, dtype=torch.long))
+        # after the dead-channel pass a BN may select every channel of its (shrunk) input in order
+        self._identity = in_channels == num_features
+        self.register_load_state_dict_post_hook(lambda module, keys: module.refresh())
+
+    def refresh(self) -> None:
+        self._identity = self.in_channels == self.num_features and torch.equal(
+            self.channel_index.cpu(), torch.arange(self.num_features))
 
     @classmethod
     def from_bn(cls, bn: nn.BatchNorm2d, channels: torch.Tensor) -> "GatheredBatchNorm2d":
@@ -210,6 +385,7 @@ class GatheredBatchNorm2d(nn.BatchNorm2d):
                 new.running_mean.copy_(bn.running_mean[idx])
                 new.running_var.copy_(bn.running_var[idx])
                 new.num_batches_tracked.copy_(bn.num_batches_tracked)
+        new.refresh()
         return new
 
     def structure(self) -> dict:
@@ -218,7 +394,7 @@ class GatheredBatchNorm2d(nn.BatchNorm2d):
                 "track_running_stats": self.track_running_stats}
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return super().forward(x.index_select(1, self.channel_index))
+        return super().forward(x if self._identity else x.index_select(1, self.channel_index))
 
 
 # Modules whose forward applies BN (then an element-wise activation) straight into a conv:
@@ -279,12 +455,18 @@ def _set(model: nn.Module, name: str, new: nn.Module) -> None:
 
 
 @torch.no_grad()
-def deploy(model: nn.Module, inplace: bool = False) -> nn.Module:
+def deploy(model: nn.Module, inplace: bool = False, optimize: bool = False,
+           example_input: torch.Tensor | None = None, repeats: int = 5) -> nn.Module:
     """Convert every masked SG layer of ``model`` into its diverse group form.
 
     Returns a new model (``inplace=False``) whose outputs equal the masked model's and whose
     parameters are only the kept connections. The deployed model can be trained further, saved
-    with sgdet.save and exported; it can no longer be regrouped."""
+    with sgdet.save and exported; it can no longer be regrouped.
+
+    ``optimize=True`` then runs sgdet.fast.optimize: permutations folded into neighbours, dead
+    channels dropped, and each layer given its fastest exact execution plan, timed on
+    ``example_input`` (on the model's device) where one is given, else from a cost model. The
+    report is kept as ``deployed.sgdet_fast_report``."""
     from .models import arch_of
     arch = arch_of(model)
     deployed = model if inplace else copy.deepcopy(model)
@@ -310,6 +492,9 @@ def deploy(model: nn.Module, inplace: bool = False) -> nn.Module:
         new = cls.from_sg(layer, in_map, width)
         new.train(layer.training)
         _set(deployed, name, new)
+    if optimize:
+        from .fast import optimize as make_fast
+        deployed.sgdet_fast_report = make_fast(deployed, example_input, repeats=repeats)
     return deployed
 
 

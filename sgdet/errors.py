@@ -18,6 +18,10 @@ class DatasetError(SGError):
     """A dataset folder or file that is missing or laid out wrongly."""
 
 
+class DependencyError(SGError):
+    """An optional package a verb needs (onnx, onnxruntime for ONNX export) is not installed."""
+
+
 class NumericalError(SGError, ValueError):
     """NaN or inf weights in a layer that is about to be grouped."""
 

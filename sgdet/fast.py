@@ -1,0 +1,370 @@
+"""Deployment, fast stage: turns an exactly deployed model (sgdet.deploy) into one that really
+runs faster, with the same outputs to float32 rounding.
+
+Three passes, all exact:
+1. Permutation folding: where a deployed conv feeds another through a BatchNorm (and element-wise
+   ops), its output is left in group order; the BN's parameters and the next conv's gather index
+   are permuted instead, so no standalone reorder runs.
+2. Dead channels: filters whose output no group of the next conv reads are dropped, with their
+   BN channels (ResNet bottlenecks conv1->bn1->conv2->bn2->conv3, DenseNet conv1->norm2->conv2).
+3. Execution plan per layer: groups merged into buckets of similar input sets (zero-filled),
+   run as a loop of dense layers, as one padded grouped convolution, or as the dense layer over
+   every input; chosen by timing each candidate on the layer's real input (``example_input``) or,
+   without one, by a cost model. The dense form is always a candidate, so no layer is slower than
+   its dense original by more than timing noise.
+"""
+from __future__ import annotations
+
+import statistics
+import time
+from typing import Iterable
+
+import torch
+from torch import nn
+
+from .deploy import _ELEMENTWISE, DiverseGroupConv2d, DiverseGroupLinear, GatheredBatchNorm2d, _set
+from .errors import ConfigError
+
+_DEPLOYED = (DiverseGroupConv2d, DiverseGroupLinear)
+
+# {module class: [(producer conv, batch norm, consumer conv), ...]} where producer's output
+# reaches consumer only through the BN and element-wise ops, and nothing else reads it.
+CONV_BN_CONV_CHAINS: dict[type, list[tuple[str, str, str]]] = {}
+
+
+def register_conv_bn_conv(cls: type, chains: Iterable[tuple[str, str, str]]) -> None:
+    """Declare that in ``cls.forward`` conv a -> BN b -> (element-wise) -> conv c, and nothing
+    else reads a's or b's output: sgdet.fast may then permute and shrink a and b freely."""
+    CONV_BN_CONV_CHAINS[cls] = list(chains)
+
+
+def _register_torchvision_chains() -> None:
+    from torchvision.models import densenet, resnet
+    register_conv_bn_conv(resnet.BasicBlock, [("conv1", "bn1", "conv2")])
+    register_conv_bn_conv(resnet.Bottleneck, [("conv1", "bn1", "conv2"), ("conv2", "bn2", "conv3")])
+    register_conv_bn_conv(densenet._DenseLayer, [("conv1", "norm2", "conv2")])
+
+
+def _sequential_chains(seq: nn.Sequential) -> list[tuple[str, str, str]]:
+    names, mods = list(seq._modules), list(seq._modules.values())
+    found = []
+    for i in range(len(mods) - 2):
+        if not isinstance(mods[i], DiverseGroupConv2d) or not isinstance(mods[i + 1], nn.BatchNorm2d):
+            continue
+        j = i + 2
+        while j < len(mods) and isinstance(mods[j], _ELEMENTWISE):
+            j += 1
+        if j < len(mods) and isinstance(mods[j], DiverseGroupConv2d):
+            found.append((names[i], names[i + 1], names[j]))
+    return found
+
+
+def conv_bn_conv_chains(model: nn.Module) -> list[tuple[str, str, str]]:
+    """Fully-qualified (producer, bn, consumer) names where both convs are deployed."""
+    if not CONV_BN_CONV_CHAINS:
+        _register_torchvision_chains()
+    found = []
+    for prefix, module in model.named_modules():
+        chains = CONV_BN_CONV_CHAINS.get(type(module))
+        if chains is None and isinstance(module, nn.Sequential):
+            chains = _sequential_chains(module)
+        join = (prefix + ".") if prefix else ""
+        for a, b, c in chains or ():
+            p, bn, q = (getattr(module, n, None) for n in (a, b, c))
+            if (isinstance(p, DiverseGroupConv2d) and isinstance(q, DiverseGroupConv2d)
+                    and isinstance(bn, nn.BatchNorm2d)
+                    and getattr(bn, "in_channels", bn.num_features) == p.out_channels):
+                found.append((join + a, join + b, join + c))
+    return found
+
+
+def _gathers(bn: nn.Module) -> bool:
+    return isinstance(bn, GatheredBatchNorm2d) and not bn._identity
+
+
+# --- pass 1: permutation folding ---------------------------------------------------------------
+
+@torch.no_grad()
+def fold_permutation(producer: DiverseGroupConv2d, bn: nn.BatchNorm2d, consumer: DiverseGroupConv2d) -> bool:
+    """Let ``producer`` emit its channels in group order; permute ``bn`` and ``consumer`` instead."""
+    if not producer._reorder:
+        return False
+    out_order = producer.out_order                   # original channel -> position in group order
+    if _gathers(bn):
+        bn.channel_index.copy_(out_order[bn.channel_index])
+        bn.refresh()
+    else:
+        order = torch.argsort(out_order)              # position -> original channel
+        for name in ("weight", "bias", "running_mean", "running_var"):
+            tensor = getattr(bn, name, None)
+            if tensor is not None:
+                tensor.copy_(tensor[order.to(tensor.device)])
+        consumer.in_index.copy_(out_order[consumer.in_index])
+        consumer.refresh()
+    producer.out_order.copy_(torch.arange(out_order.numel(), device=out_order.device))
+    producer.refresh()
+    return True
+
+
+# --- pass 2: dead channels ---------------------------------------------------------------------
+
+@torch.no_grad()
+def drop_outputs(layer: DiverseGroupConv2d | DiverseGroupLinear, keep: torch.Tensor) -> None:
+    """Keep only the output channels at positions ``keep`` (sorted; the layer emits group order,
+    out_order is the identity). Groups left without filters disappear with their inputs."""
+    if layer._reorder:
+        raise ValueError("drop_outputs needs a layer whose output order was folded")
+    keep_set = torch.zeros(layer.out_features_total, dtype=torch.bool)
+    keep_set[keep.cpu()] = True
+    weights, group_out, group_in, index_parts = [], [], [], []
+    start_out = start_in = 0
+    for w, size_out, size_in in zip(layer.weights, layer.group_out, layer.group_in):
+        rows = keep_set[start_out:start_out + size_out]
+        if bool(rows.any()):
+            weights.append(nn.Parameter(w.detach()[rows.to(w.device)].clone(), requires_grad=w.requires_grad))
+            group_out.append(int(rows.sum()))
+            group_in.append(size_in)
+            index_parts.append(layer.in_index[start_in:start_in + size_in])
+        start_out += size_out
+        start_in += size_in
+    n = int(keep_set.sum())
+    layer.weights = nn.ParameterList(weights)
+    layer.group_out, layer.group_in = group_out, group_in
+    layer.in_index = torch.cat(index_parts) if index_parts else layer.in_index[:0]
+    if layer.bias is not None:
+        layer.bias = nn.Parameter(layer.bias.detach()[keep_set.to(layer.bias.device)].clone(),
+                                  requires_grad=layer.bias.requires_grad)
+    layer.out_order = torch.arange(n, device=layer.out_order.device)
+    layer.out_features_total = n
+    if isinstance(layer, DiverseGroupConv2d):
+        layer.out_channels = n
+    else:
+        layer.out_features = n
+    layer.plan = None
+    layer.refresh()
+
+
+@torch.no_grad()
+def drop_dead_channels(model: nn.Module, producer_name: str, bn_name: str, consumer_name: str) -> int:
+    """Drop the producer's filters (and BN channels) whose output the consumer never reads.
+    Returns the number of channels dropped."""
+    producer, bn = model.get_submodule(producer_name), model.get_submodule(bn_name)
+    consumer = model.get_submodule(consumer_name)
+    reads = bn.channel_index if _gathers(bn) else consumer.in_index
+    used = torch.unique(reads.cpu())
+    dropped = producer.out_features_total - used.numel()
+    if dropped == 0:
+        return 0
+    remap = torch.full((producer.out_features_total,), -1, dtype=torch.long)
+    remap[used] = torch.arange(used.numel())
+    drop_outputs(producer, used)
+    if _gathers(bn):
+        bn.channel_index.copy_(remap.to(bn.channel_index.device)[bn.channel_index])
+        bn.in_channels = used.numel()
+        bn.refresh()
+    else:
+        shrunk = GatheredBatchNorm2d.from_bn(bn, used)
+        shrunk.in_channels = used.numel()
+        shrunk.channel_index.copy_(torch.arange(used.numel()))
+        shrunk.refresh()
+        _set(model, bn_name, shrunk)
+        consumer.in_index = remap.to(consumer.in_index.device)[consumer.in_index]
+        consumer.in_channels = used.numel()
+        consumer.refresh()
+    return dropped
+
+
+# --- pass 3: execution plans -------------------------------------------------------------------
+
+def _group_sets(layer) -> tuple[list[int], list[int]]:
+    """Per group: its input channels as a Python int bit set, and its filter count."""
+    sets, start = [], 0
+    index = layer.in_index.cpu().tolist()
+    for size_in in layer.group_in:
+        bits = 0
+        for c in index[start:start + size_in]:
+            bits |= 1 << c
+        sets.append(bits)
+        start += size_in
+    return sets, list(layer.group_out)
+
+
+def merge_groups(sets: list[int], sizes: list[int], buckets: int) -> list[list[int]]:
+    """Greedily merge groups into ``buckets`` buckets, each time joining the pair whose union
+    adds the fewest zero-filled weights (filters x union of inputs)."""
+    clusters = [([g], s, n) for g, (s, n) in enumerate(zip(sets, sizes))]
+    cost = lambda s, n: n * s.bit_count()                       # noqa: E731
+    while len(clusters) > max(1, buckets):
+        best = None
+        for i in range(len(clusters)):
+            for j in range(i + 1, len(clusters)):
+                (_, si, ni), (_, sj, nj) = clusters[i], clusters[j]
+                extra = cost(si | sj, ni + nj) - cost(si, ni) - cost(sj, nj)
+                if best is None or extra < best[0]:
+                    best = (extra, i, j)
+        _, i, j = best
+        gi, si, ni = clusters[i]
+        gj, sj, nj = clusters.pop(j)
+        clusters[i] = (sorted(gi + gj), si | sj, ni + nj)
+    clusters.sort(key=lambda c: c[0][0])
+    return [c[0] for c in clusters]
+
+
+def candidate_plans(layer) -> list[dict | None]:
+    """Exact plans worth timing: the per-group form (None), merged buckets run as a loop or as
+    one grouped convolution, and the dense layer."""
+    sets, sizes = _group_sets(layer)
+    groups = len(sets)
+    plans: list[dict | None] = [None, {"mode": "dense", "buckets": [list(range(groups))]}]
+    nonempty = sum(1 for s, n in zip(sets, sizes) if s and n)
+    counts = sorted({b for b in (nonempty, 8, 4, 2) if 1 < b <= nonempty}, reverse=True)
+    for b in counts:
+        buckets = merge_groups(sets, sizes, b)
+        plans.append({"mode": "loop", "buckets": buckets})
+        if isinstance(layer, DiverseGroupConv2d):
+            plans.append({"mode": "grouped", "buckets": buckets})
+    return plans
+
+
+def _set_plan(layer, plan: dict | None) -> None:
+    layer.plan = plan
+    layer.refresh()
+
+
+def estimate_cost(layer, plan: dict | None) -> float:
+    """Rough relative cost without a device to time on: executed MACs plus a fixed cost per
+    kernel call and per gathered input channel (tuned only to prefer fewer, larger calls)."""
+    _set_plan(layer, plan)
+    layer.eval()
+    with torch.no_grad():
+        macs = layer.exec_macs_per_position()
+    dense = layer.out_features_total * layer._input_width() * (layer.weights[0][0].numel() if len(layer.weights) else 1)
+    calls = len(layer._exec) if plan is not None else len(layer.weights) + 2
+    gathered = sum(n for _, _, _, _, n in layer._exec) if plan is not None else sum(layer.group_in)
+    penalty = 1.3 if plan is not None and plan["mode"] == "grouped" else 1.0
+    return penalty * macs + 0.04 * dense * calls + 4.0 * gathered
+
+
+def time_call(fn, repeats: int = 5, warmup: int = 2, device: torch.device | None = None) -> float:
+    """Median wall time of ``fn()`` in seconds (synchronising a CUDA device around each run)."""
+    sync = (lambda: torch.cuda.synchronize(device)) if device is not None and device.type == "cuda" else (lambda: None)
+    for _ in range(warmup):
+        fn()
+    sync()
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        fn()
+        sync()
+        times.append(time.perf_counter() - start)
+    return statistics.median(times)
+
+
+def capture_inputs(model: nn.Module, example_input, types=_DEPLOYED) -> dict[str, torch.Tensor]:
+    """The input every module of ``types`` sees in one eval forward pass of ``example_input``."""
+    seen: dict[str, torch.Tensor] = {}
+    handles = [m.register_forward_hook(lambda mod, inp, out, name=n: seen.__setitem__(name, inp[0].detach()))
+               for n, m in model.named_modules() if isinstance(m, types)]
+    was_training = model.training
+    model.eval()
+    try:
+        with torch.no_grad():
+            model(example_input)
+    finally:
+        model.train(was_training)
+        for h in handles:
+            h.remove()
+    return seen
+
+
+@torch.no_grad()
+def choose_plan(layer, x: torch.Tensor | None = None, repeats: int = 5) -> dict:
+    """Give ``layer`` its fastest exact plan; returns {plan label: seconds or estimated cost}."""
+    was_training = layer.training
+    layer.eval()
+    results, best = {}, None
+    for plan in candidate_plans(layer):
+        label = plan_label(plan)
+        if x is None:
+            score = estimate_cost(layer, plan)
+        else:
+            _set_plan(layer, plan)
+            score = time_call(lambda: layer(x), repeats=repeats, device=x.device)
+        results[label] = score
+        if best is None or score < best[0]:
+            best = (score, plan)
+    _set_plan(layer, best[1])
+    layer.train(was_training)
+    return results
+
+
+def plan_label(plan: dict | None) -> str:
+    if plan is None:
+        return "per-group"
+    if plan["mode"] == "dense":
+        return "dense"
+    return f"{plan['mode']}-{len(plan['buckets'])}"
+
+
+@torch.no_grad()
+def reorder_groups(layer, new_order: list[int]) -> None:
+    """Renumber the groups of ``layer`` (group new_order[k] becomes group k); its out_order
+    absorbs the change so the layer's outputs stay the same."""
+    segments_in, segments_out, start_in, start_out = [], [], 0, 0
+    for size_out, size_in in zip(layer.group_out, layer.group_in):
+        segments_in.append(layer.in_index[start_in:start_in + size_in])
+        segments_out.append(torch.arange(start_out, start_out + size_out))
+        start_in += size_in
+        start_out += size_out
+    old_rows = torch.cat([segments_out[g] for g in new_order]) if new_order else torch.zeros(0, dtype=torch.long)
+    new_position = torch.empty_like(old_rows)
+    new_position[old_rows] = torch.arange(old_rows.numel())
+    layer.in_index = torch.cat([segments_in[g] for g in new_order]) if new_order else layer.in_index
+    layer.weights = nn.ParameterList([layer.weights[g] for g in new_order])
+    layer.group_out = [layer.group_out[g] for g in new_order]
+    layer.group_in = [layer.group_in[g] for g in new_order]
+    if layer.bias is not None:
+        layer.bias.copy_(layer.bias.detach()[old_rows.to(layer.bias.device)])
+    layer.out_order.copy_(new_position.to(layer.out_order.device)[layer.out_order])
+    if layer.plan is not None:
+        renumber = {old: new for new, old in enumerate(new_order)}
+        layer.plan = {"mode": layer.plan["mode"],
+                      "buckets": [sorted(renumber[g] for g in b) for b in layer.plan["buckets"]]}
+    layer.refresh()
+
+
+def _bucket_order(layer) -> list[int] | None:
+    """Group order that makes a loop plan's buckets contiguous (its pieces then emit group order)."""
+    if layer.plan is None or layer.plan["mode"] == "grouped":
+        return None
+    return [g for bucket in layer.plan["buckets"] for g in bucket]
+
+
+@torch.no_grad()
+def optimize(model: nn.Module, example_input: torch.Tensor | None = None, repeats: int = 5,
+             dead_channels: bool = True, plans: bool = True) -> dict:
+    """Make a deployed model fast, in place: fold permutations, drop dead channels, and give
+    every deployed layer its fastest exact plan (timed on ``example_input`` where given, on the
+    device it lives on). Returns a report {layer: {"plan": label, "candidates": {...}}, ...}."""
+    if any(type(m).__name__ in ("SGConv2d", "SGLinear") for m in model.modules()):
+        raise ConfigError("optimize() takes a deployed model; call sgdet.deploy(model, optimize=True)")
+    report: dict = {"dropped_channels": 0, "layers": {}}
+    chains = conv_bn_conv_chains(model)
+    for names in chains:
+        p, bn, c = (model.get_submodule(n) for n in names)
+        fold_permutation(p, bn, c)
+        if dead_channels:
+            report["dropped_channels"] += drop_dead_channels(model, *names)
+    if plans:
+        inputs = capture_inputs(model, example_input) if example_input is not None else {}
+        for name, layer in model.named_modules():
+            if isinstance(layer, _DEPLOYED) and len(layer.weights):
+                results = choose_plan(layer, inputs.get(name) if example_input is not None else None, repeats)
+                report["layers"][name] = {"plan": plan_label(layer.plan), "candidates": results}
+    for names in conv_bn_conv_chains(model):       # make bucketed producers emit bucket order
+        p, bn, c = (model.get_submodule(n) for n in names)
+        order = _bucket_order(p)
+        if order is not None and order != list(range(len(order))):
+            reorder_groups(p, order)
+        fold_permutation(p, bn, c)
+    return report

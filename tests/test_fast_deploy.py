@@ -1,0 +1,181 @@
+"""Tests the fast deployment stage (sgdet.fast): every execution plan is exact on random layer
+shapes, permutations are folded, dead channels are dropped, and the fast model round-trips."""
+from __future__ import annotations
+
+import pytest
+import torch
+import torchvision
+from torch import nn
+from torch.utils.flop_counter import FlopCounterMode
+
+import sgdet
+from sgdet import DiverseGroupConv2d, DiverseGroupLinear, GatheredBatchNorm2d
+from sgdet.fast import (_set_plan, candidate_plans, conv_bn_conv_chains, merge_groups, optimize,
+                        plan_label)
+
+from conftest import assert_same_output, make_densenet, make_resnet18, randomize_bn
+
+
+def _structured(layer, groups: int, seed: int):
+    """Random grouping with a one-filter group, a group that keeps no input and unused labels."""
+    gen = torch.Generator().manual_seed(seed)
+    out_features, in_features = layer.mask.shape
+    group = torch.randint(1, groups, (out_features,), generator=gen)
+    group[0] = 0                                       # group 0 has exactly one filter
+    group[group == groups - 1] = groups - 2 if groups > 3 else group[group == groups - 1]
+    keep = torch.rand(groups, in_features, generator=gen) < 0.35
+    keep[1] = False                                    # a group left without inputs by pruning
+    layer.set_structure(group, keep)
+    with torch.no_grad():
+        layer.bias.normal_(generator=gen) if layer.bias is not None else None
+    return layer
+
+
+CONV_SHAPES = [  # (c_in, c_out, kernel, stride, padding, dilation, groups)
+    (12, 20, 3, 1, 1, 1, 6),
+    (16, 9, 1, 2, 0, 1, 5),
+    (10, 24, 3, 2, 2, 2, 8),
+    (7, 13, (3, 1), 1, (1, 0), 1, 4),
+]
+
+
+@pytest.mark.parametrize("shape", CONV_SHAPES)
+def test_every_conv_plan_is_exact(shape):
+    c_in, c_out, k, stride, pad, dil, groups = shape
+    torch.manual_seed(sum(map(hash, map(str, shape))) % 1000)
+    sg = _structured(sgdet.SGConv2d(c_in, c_out, k, stride=stride, padding=pad, dilation=dil), groups, 3)
+    dg = DiverseGroupConv2d.from_sg(sg).eval()
+    assert 0 in dg.group_in and 1 in dg.group_out          # an empty group and a one-filter group
+    x = torch.randn(3, c_in, 11, 9)
+    with torch.no_grad():
+        ref = sg(x)
+        labels = set()
+        for plan in candidate_plans(dg):
+            _set_plan(dg, plan)
+            labels.add(plan_label(plan).split("-")[0])
+            out = dg(x)
+            assert_same_output(ref, out)
+            # the count of what runs agrees with torch's FLOP counter
+            with FlopCounterMode(display=False) as counter:
+                y = dg(x)
+            assert sgdet.counting._layer_macs(dg, (x,), y) == counter.get_total_flops() // 2
+    assert labels >= {"per", "dense", "loop", "grouped"}
+
+
+def test_every_linear_plan_is_exact():
+    sg = _structured(sgdet.SGLinear(40, 30), 7, 5)
+    dg = DiverseGroupLinear.from_sg(sg).eval()
+    x = torch.randn(5, 40)
+    with torch.no_grad():
+        ref = sg(x)
+        for plan in candidate_plans(dg):
+            _set_plan(dg, plan)
+            assert_same_output(ref, dg(x))
+
+
+def test_merge_groups_joins_the_most_similar_sets():
+    sets = [0b0011, 0b0111, 0b1100_0000, 0b1110_0000, 0]
+    assert merge_groups(sets, [2, 2, 2, 2, 3], 2) == [[0, 1, 4], [2, 3]]
+    assert merge_groups(sets, [1] * 5, 5) == [[0], [1], [2], [3], [4]]
+    assert merge_groups(sets, [1] * 5, 1) == [[0, 1, 2, 3, 4]]
+
+
+def test_plan_is_trainable_and_resyncs_after_an_update():
+    sg = _structured(sgdet.SGConv2d(8, 12, 3, padding=1), 4, 7)
+    dg = DiverseGroupConv2d.from_sg(sg)
+    groups = list(range(len(dg.group_out)))
+    _set_plan(dg, {"mode": "loop", "buckets": [groups[:2], groups[2:]]})
+    x = torch.randn(2, 8, 6, 6)
+    dg.train()
+    dg(x).sum().backward()                                # training runs the exact per-group form
+    assert all(w.grad is not None for w in dg.weights if w.numel())
+    torch.optim.SGD(dg.parameters(), lr=0.5).step()
+    dg.eval()
+    with torch.no_grad():
+        fast = dg(x)                                      # the plan picks up the new weights
+    with torch.enable_grad():
+        exact = dg(x)
+    assert_same_output(exact, fast)
+
+
+def _bottleneck_resnet():
+    torch.manual_seed(0)
+    return torchvision.models.resnet.ResNet(torchvision.models.resnet.Bottleneck, [1, 1, 1, 1],
+                                            num_classes=10)
+
+
+@pytest.fixture(scope="module")
+def compressed():
+    models = {}
+    for name, build, size in (("bottleneck", _bottleneck_resnet, (3, 32, 32)),
+                              ("basic", make_resnet18, (3, 32, 32)), ("densenet", make_densenet, (3, 32, 32))):
+        model = randomize_bn(build())
+        sgdet.compress(model, conv_ratio=0.9, fc_ratio=0.6, groups=16, step=None)
+        models[name] = (model.eval(), size)
+    return models
+
+
+@pytest.mark.parametrize("name", ["bottleneck", "basic", "densenet"])
+def test_folding_and_dead_channels_are_exact(name, compressed):
+    model, size = compressed[name]
+    x = torch.randn(2, *size)
+    deployed = sgdet.deploy(model)
+    chains = conv_bn_conv_chains(deployed)
+    assert chains and any(deployed.get_submodule(p)._reorder for p, _, _ in chains)
+    report = optimize(deployed, plans=False)
+    assert report["dropped_channels"] > 0
+    for producer, bn, consumer in chains:                 # no standalone reorder left in a chain
+        assert not deployed.get_submodule(producer)._reorder
+        if name == "densenet":
+            assert isinstance(deployed.get_submodule(bn), GatheredBatchNorm2d)
+    with torch.no_grad():
+        assert_same_output(model(x), deployed(x))
+    exact = sgdet.count(sgdet.deploy(model), size)
+    fast = sgdet.count(deployed, size)
+    assert fast["params"] < exact["params"] and fast["flops"] < exact["flops"]
+
+
+@pytest.mark.parametrize("name", ["bottleneck", "densenet"])
+def test_optimized_model_is_exact_and_round_trips(name, compressed, tmp_path):
+    model, size = compressed[name]
+    x = torch.randn(2, *size)
+    fast = sgdet.deploy(model, optimize=True, example_input=x, repeats=1)
+    report = fast.sgdet_fast_report
+    assert report["layers"] and all(len(v["candidates"]) >= 2 for v in report["layers"].values())
+    with torch.no_grad():
+        ref = model(x)
+        assert_same_output(ref, fast(x))
+        # loop and dense plans inside a chain emit their channels in the consumer's order
+        for producer, _, _ in conv_bn_conv_chains(fast):
+            layer = fast.get_submodule(producer)
+            if layer.plan is not None and layer.plan["mode"] != "grouped":
+                assert layer._exec_out_name is None, producer
+    path = tmp_path / "fast.sg.pt"
+    sgdet.save(fast, path)
+    skeleton = _bottleneck_resnet() if name == "bottleneck" else make_densenet()
+    again = sgdet.load(path, model=skeleton).eval()
+    plans = {n: m.plan for n, m in fast.named_modules() if isinstance(m, (DiverseGroupConv2d, DiverseGroupLinear))}
+    assert plans == {n: m.plan for n, m in again.named_modules()
+                     if isinstance(m, (DiverseGroupConv2d, DiverseGroupLinear))}
+    with torch.no_grad():
+        assert_same_output(ref, again(x))
+    # counting follows what runs: FLOPs agree with torch's counter, params are the kept weights
+    with torch.no_grad(), FlopCounterMode(display=False) as counter:
+        again(x[:1])
+    assert sgdet.count_flops(again, size) == counter.get_total_flops() // 2
+    assert sgdet.count_params(again) == sum(p.numel() for p in again.parameters())
+
+
+def test_cost_model_plans_without_an_example_are_exact(compressed):
+    model, size = compressed["basic"]
+    fast = sgdet.deploy(model, optimize=True)
+    x = torch.randn(3, *size)
+    with torch.no_grad():
+        assert_same_output(model(x), fast(x))
+    assert all(isinstance(v["candidates"]["dense"], float) for v in fast.sgdet_fast_report["layers"].values())
+
+
+def test_optimize_refuses_a_masked_model(compressed):
+    model, _ = compressed["basic"]
+    with pytest.raises(sgdet.ConfigError):
+        optimize(model)
