@@ -30,9 +30,10 @@ def load(config: str, overrides: list[str] | None = None):
 
 
 @contextlib.contextmanager
-def session(cfg):
-    """Process group (when started by torchrun), rank-0 logging, the merged config saved."""
-    ctx = init_distributed(cfg.DEVICE)
+def session(cfg, device: str | None = None):
+    """Process group (when started by torchrun), rank-0 logging, the merged config saved.
+    ``device``: the config's device setting where its schema names it otherwise than DEVICE."""
+    ctx = init_distributed(cfg.DEVICE if device is None else device)
     try:
         setup_logging(ctx, str(cfg.OUTPUT_DIR))
         if ctx.is_main:

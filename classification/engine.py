@@ -314,10 +314,14 @@ class Reporter:
     def results_row(self, row: dict) -> str:
         line = (f"| {row['model']} | {format_count(row['params'])} | {format_count(row['flops'])} | "
                 f"{row['top1']:.2f} | {row['top5']:.2f} | {row['epochs']} |\n")
+        return self.results_line(line, RESULTS_HEADER)
+
+    def results_line(self, line: str, header: str) -> str:
+        """Append ``line`` to results.md (``header`` first when the file is new)."""
         if self.enabled:
             new = not os.path.exists(self.path(RESULTS)) or os.path.getsize(self.path(RESULTS)) == 0
             with open(self.path(RESULTS), "a") as handle:
-                handle.write((RESULTS_HEADER if new else "") + line)
+                handle.write((header if new else "") + line)
                 handle.flush()
                 os.fsync(handle.fileno())
         return line
@@ -345,7 +349,13 @@ class Trainer:
 
     ``weights_meta``: the meta of the checkpoint the weights came from (its ``epochs`` fill the
     Epochs column). ``label``: the model's name in the results table (default from MODEL.ARCH).
-    Call ``train()``, ``compress()`` or ``evaluate_run()``; each returns the result row."""
+    Call ``train()``, ``compress()`` or ``evaluate_run()``; each returns the result row.
+
+    Other pipelines subclass it (detection: losses, COCO AP, detectron2-style keys) and keep its
+    run state machine, checkpoints, resume, DDP, logging and reporting."""
+
+    final_name = FINAL
+    scheduler = None        # the global phase's LR scheduler, once it runs
 
     def __init__(self, cfg, model: nn.Module, train_ds: Dataset | None, val_ds: Dataset,
                  ctx: DistContext | None = None, weights_meta: dict | None = None,
@@ -357,15 +367,16 @@ class Trainer:
         self.model = model
         self.net: nn.Module = model            # the DDP wrapper while training distributed
         self.weights_meta = dict(weights_meta or {})
-        self.label = label or pretty_arch(cfg.MODEL.ARCH)
-        self.amp = self.ctx.cuda and bool(cfg.AMP)
-        self.channels_last = self.ctx.cuda and bool(cfg.CHANNELS_LAST)
+        self.hp = self.hyperparameters()
+        self.label = label or self.default_label()
+        self.amp = self.ctx.cuda and bool(self.hp["amp"])
+        self.channels_last = self.ctx.cuda and bool(self.hp["channels_last"])
         self.scaler = torch.amp.GradScaler("cuda", enabled=self.amp)
         self.progress_disabled = (not self.ctx.is_main) if progress is None else not progress
         if progress is None and self.ctx.is_main:
             self.progress_disabled = None          # tqdm: on for a terminal, off in a log file
         self.reporter = Reporter(self.output_dir, self.ctx.is_main)
-        self.input_size = tuple(int(v) for v in cfg.MODEL.INPUT_SIZE)
+        self.input_size = self.hp["input_size"]
         self.min_batch = 2 if has_batchnorm(model) else 1
         self.state = _fresh_state("train")
         self.train_loader = self._train_loader(train_ds) if train_ds is not None else None
@@ -395,11 +406,11 @@ class Trainer:
     def _train_loader(self, ds: Dataset) -> DataLoader:
         if len(ds) == 0:
             raise ConfigError("the training set is empty")
-        cfg, ctx = self.cfg, self.ctx
+        hp, ctx = self.hp, self.ctx
         sampler = DistributedSampler(ds, num_replicas=ctx.world_size, rank=ctx.rank, shuffle=True,
-                                     seed=int(cfg.SEED), drop_last=False)
-        batch = int(cfg.DATA.BATCH_SIZE)
-        return DataLoader(ds, batch_size=batch, sampler=sampler, num_workers=int(cfg.DATA.WORKERS),
+                                     seed=hp["seed"], drop_last=False)
+        batch = hp["batch_size"]
+        return DataLoader(ds, batch_size=batch, sampler=sampler, num_workers=hp["workers"],
                           collate_fn=data_module.collate_skipping_bad, pin_memory=ctx.cuda,
                           drop_last=len(sampler) > batch)
 
@@ -407,8 +418,8 @@ class Trainer:
         if len(ds) == 0:
             raise ConfigError("the validation set is empty")
         sampler = ShardSampler(len(ds), self.ctx.rank, self.ctx.world_size)
-        return DataLoader(ds, batch_size=int(self.cfg.DATA.TEST_BATCH_SIZE), sampler=sampler,
-                          num_workers=int(self.cfg.DATA.WORKERS),
+        return DataLoader(ds, batch_size=self.hp["test_batch_size"], sampler=sampler,
+                          num_workers=self.hp["workers"],
                           collate_fn=data_module.collate_skipping_bad, pin_memory=self.ctx.cuda)
 
     def _autocast(self):
@@ -426,6 +437,22 @@ class Trainer:
 
     def counts(self) -> dict:
         return sgdet.count(self.model, self.input_size)
+
+    # ------------------------------------------------------------- the config schema's hooks
+    def hyperparameters(self) -> dict:
+        """What the generic loop reads from the config, by name; a pipeline with another schema
+        (detection's detectron2-style keys) overrides this and nothing else of the plumbing."""
+        cfg = self.cfg
+        return {"seed": int(cfg.SEED), "amp": bool(cfg.AMP), "channels_last": bool(cfg.CHANNELS_LAST),
+                "input_size": tuple(int(v) for v in cfg.MODEL.INPUT_SIZE),
+                "batch_size": int(cfg.DATA.BATCH_SIZE), "test_batch_size": int(cfg.DATA.TEST_BATCH_SIZE),
+                "workers": int(cfg.DATA.WORKERS), "lr": float(cfg.SOLVER.LR),
+                "momentum": float(cfg.SOLVER.MOMENTUM), "weight_decay": float(cfg.SOLVER.WEIGHT_DECAY),
+                "epochs": int(cfg.SOLVER.EPOCHS), "eval_period": int(cfg.SOLVER.EVAL_PERIOD),
+                "lr_factor": lr_factor_fn(cfg)}
+
+    def default_label(self) -> str:
+        return pretty_arch(self.cfg.MODEL.ARCH)
 
     # ------------------------------------------------------------------------- one epoch
     def train_epoch(self, optimizer: torch.optim.Optimizer, desc: str,
@@ -563,7 +590,7 @@ class Trainer:
         else:
             log.warning("checkpoint was written by %d process(es), this run has %d: RNG streams "
                         "restart from SEED (data order stays exact)", len(rngs), self.ctx.world_size)
-            seed_everything(int(self.cfg.SEED) + 1000 * int(self.state["epochs_seen"]) + self.ctx.rank)
+            seed_everything(self.hp["seed"] + 1000 * int(self.state["epochs_seen"]) + self.ctx.rank)
 
     def _where(self) -> str:
         s = self.state
@@ -590,7 +617,7 @@ class Trainer:
             if not resume and os.path.isfile(self.checkpoint_path()):
                 log.info("starting afresh over %s (pass --resume to continue it)", self.checkpoint_path())
             self.state = _fresh_state(kind)
-            seed_everything(int(self.cfg.SEED) + self.ctx.rank)
+            seed_everything(self.hp["seed"] + self.ctx.rank)
             # before anything is written: a run killed from here on resumes and rewinds the
             # metrics and results files to this point
             self.save_checkpoint()
@@ -598,8 +625,9 @@ class Trainer:
 
     # --------------------------------------------------------------------------- optimisers
     def _optimizer(self, lr: float) -> torch.optim.Optimizer:
-        return torch.optim.SGD(self.model.parameters(), lr=lr, momentum=float(self.cfg.SOLVER.MOMENTUM),
-                               weight_decay=float(self.cfg.SOLVER.WEIGHT_DECAY))
+        params = [p for p in self.model.parameters() if p.requires_grad]   # frozen stages stay out
+        return torch.optim.SGD(params, lr=lr, momentum=self.hp["momentum"],
+                               weight_decay=self.hp["weight_decay"])
 
     def _load_optimizer(self, optimizer, scheduler=None) -> None:
         if self.state.get("optimizer") is not None:
@@ -631,12 +659,13 @@ class Trainer:
         """SOLVER.EPOCHS of SGD with the SOLVER schedule (baseline training or global
         fine-tuning), a checkpoint after each epoch."""
         s = self.state
-        optimizer = self._optimizer(float(self.cfg.SOLVER.LR))
-        factor = lr_factor_fn(self.cfg)
+        optimizer = self._optimizer(self.hp["lr"])
+        factor = self.hp["lr_factor"]
         scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda e: factor(e))
-        if s["epoch"] > 0:
+        self.scheduler = scheduler          # periodic checkpoints inside an epoch save it too
+        if s["epoch"] > 0 or s.get("iteration"):
             self._load_optimizer(optimizer, scheduler)
-        period = int(self.cfg.SOLVER.EVAL_PERIOD)
+        period = self.hp["eval_period"]
         while s["epoch"] < epochs:
             lr = optimizer.param_groups[0]["lr"]
             stats = self.train_epoch(optimizer, f"{'train' if s['kind'] == 'train' else 'global'} "
@@ -730,7 +759,7 @@ class Trainer:
                         fc_ratio=float(self.cfg.SG.FC_RATIO), groups=int(self.cfg.SG.GROUPS),
                         step=float(self.cfg.SG.STEP))
         if self.ctx.is_main:
-            sgdet.save(self.model, os.path.join(self.output_dir, FINAL), meta=meta)
+            sgdet.save(self.model, os.path.join(self.output_dir, self.final_name), meta=meta)
         line = self.reporter.results_row(row)
         self.reporter.metrics({"event": "final", **row, "eval": s["final_eval"]})
         s["tick"] += 1
@@ -784,7 +813,7 @@ class Trainer:
         if self.train_loader is None:
             raise ConfigError("training needs a training set")
         self._wrap()
-        epochs = int(self.cfg.SOLVER.EPOCHS)
+        epochs = self.hp["epochs"]
         if self.state["phase"] == "global":
             self._global_phase(epochs)
         base = self._base_epochs()
@@ -800,7 +829,7 @@ class Trainer:
         global_ = scheme in ("G", "LG")
         steps, step = n_prune_steps(float(cfg.SG.CONV_RATIO), float(cfg.SG.FC_RATIO), float(cfg.SG.STEP))
         local_epochs = int(cfg.SG.LOCAL_EPOCHS) if local else 0
-        global_epochs = int(cfg.SOLVER.EPOCHS) if global_ else 0
+        global_epochs = self.hp["epochs"] if global_ else 0
         if (local_epochs or global_epochs) and self.train_loader is None:
             raise ConfigError(f"scheme {scheme} fine-tunes and needs a training set")
         resumed = self._start("compress", resume)
@@ -839,7 +868,7 @@ class Trainer:
 
     def evaluate_run(self) -> dict:
         """Evaluate the loaded model; append a results row and a metrics line."""
-        seed_everything(int(self.cfg.SEED))
+        seed_everything(self.hp["seed"])
         evaluation = self.evaluate("eval")
         counts = self.counts()
         meta = self.weights_meta
@@ -899,11 +928,12 @@ def sgdet_keep_pruned_zero(model: nn.Module) -> None:
 # ------------------------------------------------------------------------------- logging setup
 
 _HANDLER_TAG = "_classification_engine"
+LOGGERS = ("classification", "sgdet", "detection", "transfer")    # the pipelines' loggers
 
 
 def teardown_logging() -> None:
     """Remove the handlers setup_logging added (in-process callers, tests)."""
-    for name in ("classification", "sgdet"):
+    for name in LOGGERS:
         logger = logging.getLogger(name)
         for h in list(logger.handlers):
             if getattr(h, _HANDLER_TAG, False):
@@ -917,7 +947,7 @@ def setup_logging(ctx: DistContext, output_dir: str | None = None) -> None:
     """Rank 0 logs INFO to stderr and OUTPUT_DIR/log.txt; other ranks only errors."""
     fmt = logging.Formatter("[%(asctime)s %(name)s] %(message)s", "%m/%d %H:%M:%S")
     teardown_logging()                 # a second setup (sweep runs, tests) replaces the first
-    for name in ("classification", "sgdet"):
+    for name in LOGGERS:
         logger = logging.getLogger(name)
         logger.propagate = False
         if not ctx.is_main:
