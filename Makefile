@@ -6,7 +6,7 @@ PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 FASHION := /usr/share/datasets/fashion-mnist
 
-.PHONY: demo test test-slow setup data bench clean
+.PHONY: demo detection-demo test test-slow setup data bench clean
 
 setup: $(STAMP)
 
@@ -30,6 +30,10 @@ data:
 DATA ?=
 demo: setup data
 	$(PY) -m classification demo --out out/demo $(if $(DATA),--data $(DATA))
+
+# Faster R-CNN over an SG-ResNet50 on generated shapes, on the CPU (see docs/detection.md).
+detection-demo: setup
+	$(PY) -m detection.demo --out out/detection_demo
 
 test: setup
 	$(PY) -m pytest -q

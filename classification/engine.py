@@ -577,7 +577,11 @@ class Trainer:
             raise CheckpointError(f"{path} holds no training state; cannot resume from it")
         if state.get("kind") != kind:
             raise ConfigError(f"{path} is from a '{state.get('kind')}' run; cannot resume it as '{kind}'")
+        frozen = {n for n, p in self.model.named_parameters() if not p.requires_grad}
         sgdet.load(path, model=self.model, map_location=self.device)
+        for name, param in self.model.named_parameters():   # loading may rebuild layers: keep
+            if name in frozen:                               # the frozen stages frozen
+                param.requires_grad_(False)
         self._place()
         self.state = state
         log.info("resuming from %s (%s)", path, self._where())
@@ -803,9 +807,9 @@ class Trainer:
             return str(self.weights_meta["epochs"])
         return "?" if self.cfg.MODEL.WEIGHTS else None
 
-    def train(self, resume: bool = False) -> dict:
-        """Baseline training (or plain fine-tuning of MODEL.WEIGHTS): SOLVER.EPOCHS with the
-        SOLVER schedule; writes model_final.sg.pt and a results row."""
+    def _train_epochs(self, resume: bool) -> dict | None:
+        """Start (or resume) a training run and run its epochs; the stored result row when the
+        run had already finished, else None (the caller writes the final outputs)."""
         self._start("train", resume)
         done = self._already_done()
         if done is not None:
@@ -813,9 +817,17 @@ class Trainer:
         if self.train_loader is None:
             raise ConfigError("training needs a training set")
         self._wrap()
-        epochs = self.hp["epochs"]
         if self.state["phase"] == "global":
-            self._global_phase(epochs)
+            self._global_phase(self.hp["epochs"])
+        return None
+
+    def train(self, resume: bool = False) -> dict:
+        """Baseline training (or plain fine-tuning of MODEL.WEIGHTS): SOLVER.EPOCHS with the
+        SOLVER schedule; writes model_final.sg.pt and a results row."""
+        done = self._train_epochs(resume)
+        if done is not None:
+            return done
+        epochs = self.hp["epochs"]
         base = self._base_epochs()
         label = f"{self.label} baseline"
         return self._finish(self._final_row(label, epochs_string(base, global_=epochs)))

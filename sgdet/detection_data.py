@@ -47,11 +47,15 @@ _BUILTIN["coco_2014_trainval_minus_minival"] = (_BUILTIN["coco_2014_train"]
                                                 + _BUILTIN["coco_2014_valminusminival"])
 
 
-def register_coco_dataset(name: str, json_file: str | os.PathLike, image_root: str | os.PathLike) -> None:
+def register_coco_dataset(name: str, json_file: str | os.PathLike, image_root: str | os.PathLike,
+                          replace: bool = False) -> None:
     """Make the COCO-format dataset ``json_file`` + ``image_root`` known as ``name``. Registering a
-    name again with other files is a ConfigError."""
+    name again with other files is a ConfigError unless ``replace`` (a config's DATASETS.REGISTER
+    entries replace, since the config is what the run is about); built-in names never change."""
     entry = [(os.fspath(json_file), os.fspath(image_root))]
-    if name in DATASET_CATALOG and DATASET_CATALOG[name] != entry:
+    if name in _BUILTIN and _BUILTIN[name] != entry:
+        raise ConfigError(f"dataset {name!r} is built in; register yours under another name")
+    if name in DATASET_CATALOG and DATASET_CATALOG[name] != entry and not replace:
         raise ConfigError(f"dataset {name!r} is already registered (as {DATASET_CATALOG[name]})")
     DATASET_CATALOG[name] = entry
 
@@ -209,9 +213,11 @@ class ConcatCOCODetection(ConcatDataset):
 
 
 def get_dataset(name: str, root: str | os.PathLike | None = None, transforms: Callable | None = None,
-                check_images: bool = True) -> COCODetection | ConcatCOCODetection:
+                check_images: bool = True, category_ids: Sequence[int] | None = None
+                ) -> COCODetection | ConcatCOCODetection:
     """The registered dataset ``name``; relative paths resolve under ``root`` (default
-    ``$SGDET_DATASETS``, else ``./datasets``)."""
+    ``$SGDET_DATASETS``, else ``./datasets``). ``category_ids``: the label order to use (that of
+    another dataset trained together with this one; default: this json's sorted ids)."""
     if name not in DATASET_CATALOG:
         raise ConfigError(f"unknown dataset {name!r}; registered: {', '.join(sorted(DATASET_CATALOG))}")
     base = datasets_root(root)
@@ -222,7 +228,7 @@ def get_dataset(name: str, root: str | os.PathLike | None = None, transforms: Ca
     for json_file, image_root in entries:
         parts.append(COCODetection(os.path.join(base, json_file), os.path.join(base, image_root),
                                    transforms, check_images,
-                                   category_ids=parts[0].category_ids if parts else None))
+                                   category_ids=parts[0].category_ids if parts else category_ids))
     return parts[0] if len(parts) == 1 else ConcatCOCODetection(parts)
 
 

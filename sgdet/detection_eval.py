@@ -71,16 +71,22 @@ def to_coco_results(detections, label_to_category: Mapping[int, int]) -> list[di
 
 @torch.no_grad()
 def predict(model: torch.nn.Module, dataset, batch_size: int = 2,
-            device: str | torch.device = "cpu") -> dict[int, dict[str, torch.Tensor]]:
-    """Run a torchvision detector in eval mode over a detection dataset: {image_id: output} with
-    boxes in the original image's pixels, ready for :func:`evaluate_coco`."""
+            device: str | torch.device = "cpu", progress: bool | None = False,
+            desc: str = "predict") -> dict[int, dict[str, torch.Tensor]]:
+    """Run a torchvision detector in eval mode over a detection dataset (or a DataLoader of
+    ``(images, targets)`` batches, e.g. one rank's shard): {image_id: output} with boxes in the
+    original image's pixels, ready for :func:`evaluate_coco`."""
     from torch.utils.data import DataLoader
+    from tqdm.auto import tqdm
     from .detection_data import collate
+    loader = dataset if isinstance(dataset, DataLoader) else DataLoader(
+        dataset, batch_size=batch_size, collate_fn=collate)
     was_training = model.training
     model.eval().to(device)
     outputs: dict[int, dict[str, torch.Tensor]] = {}
     try:
-        for images, targets in DataLoader(dataset, batch_size=batch_size, collate_fn=collate):
+        for images, targets in tqdm(loader, desc=desc, leave=False, dynamic_ncols=True,
+                                    disable=None if progress is None else not progress):
             results = model([image.to(device) for image in images])
             for target, result in zip(targets, results):
                 outputs[int(target["image_id"])] = {k: v.cpu() for k, v in result.items()}
