@@ -132,14 +132,19 @@ class _DiverseGroup(nn.Module):
             else:
                 parts = [segments[g][0] for g in bucket]
                 chans = torch.unique(torch.cat(parts)) if parts else ref.new_zeros(0)
-            rows = torch.cat([segments[g][2] for g in bucket]) if bucket else ref.new_zeros(0)
+            if len(buckets) == 1 and mode != "grouped":
+                # one piece covers every filter: lay its rows out in the final output order, so
+                # no reorder runs after it (a reorder of a wide output can cost more than a 1x1 conv)
+                rows = self.out_order.clone()
+            else:
+                rows = torch.cat([segments[g][2] for g in bucket]) if bucket else ref.new_zeros(0)
+            dest = torch.full((self.out_features_total,), -1, dtype=torch.long, device=ref.device)
+            dest[rows] = torch.arange(rows.numel(), device=ref.device)
             weight = torch.zeros(rows.numel(), chans.numel(), *kernel, dtype=dtype, device=ref.device)
-            start = 0
             for g in bucket:
-                index, w, _ = segments[g]
+                index, w, out_rows = segments[g]
                 cols = torch.searchsorted(chans, index)
-                weight[start:start + w.shape[0], cols] = w.detach()
-                start += w.shape[0]
+                weight[dest[out_rows].view(-1, 1), cols.view(1, -1)] = w.detach()
             bias = None if self.bias is None else self.bias.detach()[rows]
             pieces.append((chans, weight, bias, rows))
         if mode == "grouped":
