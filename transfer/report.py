@@ -1,0 +1,74 @@
+"""Stage 3 of the transfer pipeline: Table 5 (Model, Params, FLOPs, Top-1, Top-5) as Markdown and
+JSON, and a bar chart of top-1 against Params, each written atomically (temporary file, then
+rename) so a killed run never leaves half a table."""
+from __future__ import annotations
+
+import json
+import os
+
+from sgdet.counting import format_count
+
+HEADER = "| Model | Params | FLOPs | Top-1 (%) | Top-5 (%) |\n|---|---|---|---|---|\n"
+
+
+def _unit(rows: list[dict]) -> str | None:
+    """K for small models (LeNet: 431K, 2293K MACs), otherwise the paper's M/G per value."""
+    return "K" if rows and max(r["params"] for r in rows) < 1e6 else None
+
+
+def table_markdown(rows: list[dict]) -> str:
+    unit = _unit(rows)
+    lines = [f"| {r['model']} | {format_count(r['params'], unit)} | {format_count(r['flops'], unit)} | "
+             f"{r['top1']:.2f} | {r['top5']:.2f} |" for r in rows]
+    return HEADER + "\n".join(lines) + "\n"
+
+
+def write_text(path: str, text: str) -> str:
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    tmp = path + ".tmp"
+    with open(tmp, "w") as handle:
+        handle.write(text)
+        handle.flush()
+        os.fsync(handle.fileno())
+    os.replace(tmp, path)
+    return path
+
+
+def plot_table(rows: list[dict], path: str, title: str) -> str:
+    """One bar per model: top-1 (%), labelled with its Params."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    unit = _unit(rows)
+    fig, ax = plt.subplots(figsize=(max(4.8, 1.3 * len(rows) + 2), 4.4), dpi=120)
+    xs = range(len(rows))
+    bars = ax.bar(xs, [r["top1"] for r in rows], color=[f"C{i % 10}" for i in xs])
+    for bar, r in zip(bars, rows):
+        ax.annotate(f"{r['top1']:.2f}", (bar.get_x() + bar.get_width() / 2, bar.get_height()),
+                    ha="center", va="bottom", fontsize=8)
+    ax.set_xticks(list(xs))
+    ax.set_xticklabels([f"{r['model']}\n{format_count(r['params'], unit)} params" for r in rows],
+                       fontsize=7, rotation=20 if len(rows) > 4 else 0, ha="center")
+    ax.set_ylabel("top-1 accuracy (%)")
+    low = min(r["top1"] for r in rows) if rows else 0
+    ax.set_ylim(max(0.0, low - 10), 100 if low > 50 else None)
+    ax.grid(True, axis="y", alpha=0.3)
+    ax.set_title(title, fontsize=9)
+    fig.tight_layout()
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    tmp = path + ".tmp.png"
+    fig.savefig(tmp)
+    plt.close(fig)
+    os.replace(tmp, path)
+    return path
+
+
+def write_table(rows: list[dict], out: str, title: str, extra: dict | None = None) -> dict[str, str]:
+    """table.md, table.json and table.png in ``out``; returns their paths."""
+    paths = {"md": os.path.join(out, "table.md"), "json": os.path.join(out, "table.json"),
+             "png": os.path.join(out, "table.png")}
+    write_text(paths["md"], table_markdown(rows))
+    write_text(paths["json"], json.dumps({**(extra or {}), "rows": rows}, indent=2, default=str) + "\n")
+    plot_table(rows, paths["png"], title)
+    return paths
