@@ -2,9 +2,8 @@
 compression curves of the paper's ablation figures (Figs. 4-6), drawn with matplotlib (Agg)."""
 from __future__ import annotations
 
-import os
-
 from sgdet.counting import format_count
+from sgdet.visualize import save_figure
 
 
 def _fmt(value, digits: int = 2) -> str:
@@ -68,10 +67,4 @@ def plot_sweep(key: str, runs: list[dict], path: str, title: str | None = None) 
             (r.get("row") or {}).get("epochs", "").count("+") >= 2 for r in runs) else None,
             title_fontsize=7)
     ax.set_title(title or f"accuracy vs compression ({key})", fontsize=9)
-    fig.tight_layout()
-    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-    tmp = path + ".tmp.png"
-    fig.savefig(tmp)
-    plt.close(fig)
-    os.replace(tmp, path)
-    return path
+    return save_figure(fig, path, dpi=120)

@@ -67,6 +67,8 @@ def plot(metrics_file: str, png: str) -> list[dict]:
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+
+    from sgdet.visualize import save_figure
     rows = []
     with open(metrics_file) as handle:
         for line in handle:
@@ -87,11 +89,7 @@ def plot(metrics_file: str, png: str) -> list[dict]:
     ax.set_title("Faster R-CNN, SG-ResNet50 (Conv-60/FC-60), shapes, CPU")
     ax.grid(alpha=0.3)
     ax.legend()
-    fig.tight_layout()
-    tmp = png + ".tmp.png"
-    fig.savefig(tmp, dpi=110)
-    plt.close(fig)
-    os.replace(tmp, png)
+    save_figure(fig, png)
     return rows
 
 

@@ -65,11 +65,18 @@ def plot_group_structure(model: nn.Module, path: str, layers: Sequence[str] | No
         left.set_ylabel("filter (grouped)")
     if title:
         fig.suptitle(title)
+    return save_figure(fig, path)
+
+
+def save_figure(fig, path: str, dpi: int = 110) -> str:
+    """Write a matplotlib figure as PNG atomically (temporary file, then rename) and close it;
+    every plot of the suite goes through here."""
+    import matplotlib.pyplot as plt
     fig.tight_layout()
     folder = os.path.dirname(os.path.abspath(path))
     os.makedirs(folder, exist_ok=True)
     tmp = os.path.join(folder, ".tmp-" + os.path.basename(path))
-    fig.savefig(tmp, dpi=110, format="png")
+    fig.savefig(tmp, dpi=dpi, format="png")
     plt.close(fig)
     os.replace(tmp, path)
     return path

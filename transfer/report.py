@@ -7,6 +7,7 @@ import json
 import os
 
 from sgdet.counting import format_count
+from sgdet.visualize import save_figure
 
 HEADER = "| Model | Params | FLOPs | Top-1 (%) | Top-5 (%) |\n|---|---|---|---|---|\n"
 
@@ -55,13 +56,7 @@ def plot_table(rows: list[dict], path: str, title: str) -> str:
     ax.set_ylim(max(0.0, low - 10), 100 if low > 50 else None)
     ax.grid(True, axis="y", alpha=0.3)
     ax.set_title(title, fontsize=9)
-    fig.tight_layout()
-    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-    tmp = path + ".tmp.png"
-    fig.savefig(tmp)
-    plt.close(fig)
-    os.replace(tmp, path)
-    return path
+    return save_figure(fig, path, dpi=120)
 
 
 def write_table(rows: list[dict], out: str, title: str, extra: dict | None = None) -> dict[str, str]:
