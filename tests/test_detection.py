@@ -23,14 +23,7 @@ from sgdet.detection_eval import evaluate_coco, format_table6, format_table6_row
 CATEGORIES = [{"id": 3, "name": "box"}, {"id": 7, "name": "disc"}]
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """One intra-op thread: on a shared 2-core machine two threads spin against other processes
-    and run these small convolutions several times slower (measured 2.3 s vs 11 s per step)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def make_shapes(folder, n_images: int = 6, size: int = 128, seed: int = 0):

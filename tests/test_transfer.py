@@ -25,13 +25,7 @@ CLASSES = ["001.Black_footed_Albatross", "002.Laysan_Albatross", "003.Sooty_Alba
 PER_CLASS, TRAIN_PER_CLASS = 4, 2
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """One intra-op thread: the machine's two cores are shared (see tests/test_detection.py)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def make_cub(parent, corrupt: bool = False) -> str:
