@@ -18,22 +18,39 @@ _HELP = {"train": "baseline training (SOLVER.*)",
          "sweep": "one compress run per SWEEP.VALUES entry, table and accuracy-vs-compression curves"}
 
 
-def _add_config_verb(sub, verb: str) -> None:
-    p = sub.add_parser(verb, help=_HELP[verb],
-                       description=f"{_HELP[verb]}. Trailing KEY VALUE pairs override the config.")
+def add_config_verb(sub, verb: str, help: str, example: str = "SOLVER.LR 0.01 DATA.ROOT /data/imagenet",
+                    extra=None) -> argparse.ArgumentParser:
+    """``VERB --config FILE [--resume] [extra arguments] [KEY VALUE ...]`` (every verb but eval
+    resumes); ``extra(parser)`` adds a verb's own arguments before the overrides. Shared by the
+    classification and transfer command lines."""
+    p = sub.add_parser(verb, help=help, description=f"{help}. Trailing KEY VALUE pairs override the config.")
     p.add_argument("--config", required=True, metavar="FILE", help="YAML config (with _BASE_)")
     if verb != "eval":
         p.add_argument("--resume", action="store_true",
                        help="continue from OUTPUT_DIR/last_checkpoint.pt (start fresh if there is none)")
+    if extra is not None:
+        extra(p)
     p.add_argument("opts", nargs=argparse.REMAINDER, metavar="KEY VALUE",
-                   help="config overrides, e.g. SOLVER.LR 0.01 DATA.ROOT /data/imagenet")
+                   help=f"config overrides, e.g. {example}")
+    return p
+
+
+def overrides_and_resume(args) -> tuple[list[str], bool]:
+    """The trailing overrides and the resume flag; ``--resume`` is accepted after the overrides
+    too (argparse leaves it among them)."""
+    opts = list(args.opts)
+    resume = bool(getattr(args, "resume", False))
+    if "--resume" in opts and args.command != "eval":
+        opts.remove("--resume")
+        resume = True
+    return opts, resume
 
 
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(prog="python -m classification")
     sub = parser.add_subparsers(dest="command", required=True)
     for verb in ("train", "compress", "eval", "sweep"):
-        _add_config_verb(sub, verb)
+        add_config_verb(sub, verb, _HELP[verb])
     from . import demo
     demo.add_arguments(sub.add_parser("demo", help="LeNet-5 on Fashion-MNIST: train, compress, deploy"))
     args = parser.parse_args(argv)
@@ -42,11 +59,7 @@ def main(argv=None) -> int:
         if args.command == "demo":
             return demo.run(args)
         from . import commands
-        opts = list(args.opts)
-        resume = bool(getattr(args, "resume", False))
-        if "--resume" in opts and args.command != "eval":    # allowed after the overrides too
-            opts.remove("--resume")
-            resume = True
+        opts, resume = overrides_and_resume(args)
         return commands.main(args.command, args.config, opts, resume)
 
     return run_entry_point("classification", action)

@@ -11,6 +11,7 @@ import os
 import re
 import sys
 
+from classification.__main__ import add_config_verb, overrides_and_resume
 from sgdet.errors import run_entry_point
 
 _HELP = {"finetune": "replace the classifier by a dense head and fine-tune MODEL.WEIGHTS on CUB-200-2011",
@@ -18,20 +19,11 @@ _HELP = {"finetune": "replace the classifier by a dense head and fine-tune MODEL
          "table": "fine-tune every checkpoint with one config and write Table 5 (md, json, png)"}
 
 
-def _add_config_verb(sub, verb: str) -> None:
-    p = sub.add_parser(verb, help=_HELP[verb],
-                       description=f"{_HELP[verb]}. Trailing KEY VALUE pairs override the config.")
-    p.add_argument("--config", required=True, metavar="FILE", help="YAML config (with _BASE_)")
-    if verb != "eval":
-        p.add_argument("--resume", action="store_true",
-                       help="continue from OUTPUT_DIR/last_checkpoint.pt (start fresh if there is none)")
-    if verb == "table":
-        p.add_argument("--checkpoints", nargs="+", required=True, metavar="FILE",
-                       help="ImageNet checkpoints: sgdet .sg.pt (L, G, LG, deployed) or dense .pth")
-        p.add_argument("--out", default=None, metavar="DIR",
-                       help="where table.md/json/png go (default: OUTPUT_DIR)")
-    p.add_argument("opts", nargs=argparse.REMAINDER, metavar="KEY VALUE",
-                   help="config overrides, e.g. DATA.ROOT /data/CUB_200_2011 SOLVER.LR 0.01")
+def _table_arguments(p) -> None:
+    p.add_argument("--checkpoints", nargs="+", required=True, metavar="FILE",
+                   help="ImageNet checkpoints: sgdet .sg.pt (L, G, LG, deployed) or dense .pth")
+    p.add_argument("--out", default=None, metavar="DIR",
+                   help="where table.md/json/png go (default: OUTPUT_DIR)")
 
 
 _KEY = re.compile(r"^[A-Z][A-Z0-9_]*(\.[A-Z][A-Z0-9_]*)*$")
@@ -50,7 +42,8 @@ def main(argv=None) -> int:
     parser = argparse.ArgumentParser(prog="python -m transfer")
     sub = parser.add_subparsers(dest="command", required=True)
     for verb in ("finetune", "eval", "table"):
-        _add_config_verb(sub, verb)
+        add_config_verb(sub, verb, _HELP[verb], "DATA.ROOT /data/CUB_200_2011 SOLVER.LR 0.01",
+                        extra=_table_arguments if verb == "table" else None)
     from . import example
     example.add_arguments(sub.add_parser("example", help="a compressed LeNet-5 (Fashion-MNIST) "
                                          "adapted to scikit-learn's digits, end to end on a CPU"))
@@ -60,11 +53,7 @@ def main(argv=None) -> int:
         if args.command == "example":
             return example.run(args)
         from . import commands
-        opts = list(args.opts)
-        resume = bool(getattr(args, "resume", False))
-        if "--resume" in opts and args.command != "eval":    # allowed after the overrides too
-            opts.remove("--resume")
-            resume = True
+        opts, resume = overrides_and_resume(args)
         checkpoints = getattr(args, "checkpoints", None)
         if checkpoints is not None:
             checkpoints, more = split_checkpoints(list(checkpoints))
