@@ -94,8 +94,8 @@ class _DiverseGroup(nn.Module):
     # not state: rebuilt from the weights on load and whenever the weights change.
 
     def _versions(self) -> tuple:
-        return tuple(p._version for p in self.parameters(recurse=False)) + tuple(
-            w._version for w in self.weights)
+        # cached parameter list: walking ParameterList per call costs more than a small conv
+        return tuple(p._version for p in self._param_refs)
 
     @torch.no_grad()
     def refresh(self) -> None:
@@ -106,7 +106,24 @@ class _DiverseGroup(nn.Module):
         self._exec, self._exec_out_name = [], None
         if self.plan is not None:
             self._build_exec()
+        self._param_refs = tuple(self.parameters(recurse=False)) + tuple(self.weights)
+        self._cache_exec()
         self._synced = self._versions()
+
+    def _cache_exec(self) -> None:
+        """Resolve the plan's buffers once, so a call does no attribute lookups."""
+        self._exec_tensors = tuple((getattr(self, i), getattr(self, w), getattr(self, b), size_out, size_in)
+                                   for i, w, b, size_out, size_in in self._exec)
+        self._exec_out = None if self._exec_out_name is None else getattr(self, self._exec_out_name)
+
+    def _apply(self, fn, recurse=True):
+        # .to()/.cuda()/.half() replace buffers: re-resolve the cached ones
+        result = super()._apply(fn, recurse)
+        if hasattr(self, "_exec_tensors"):
+            self._param_refs = tuple(self.parameters(recurse=False)) + tuple(self.weights)
+            self._cache_exec()
+            self._synced = self._versions()
+        return result
 
     def _group_segments(self):
         """Per group: (input indices into the layer input, weight, output positions in cat order)."""
@@ -196,17 +213,20 @@ class _DiverseGroup(nn.Module):
 
     def _run_fast(self, x: torch.Tensor, dim: int, op) -> torch.Tensor:
         self._sync()
+        pieces = self._exec_tensors
+        if len(pieces) == 1 and self._exec_out is None:
+            index, weight, bias, size_out, size_in = pieces[0]
+            if size_in:     # the common case (one dense or merged piece): a single kernel call
+                return op(x if index is None else x.index_select(dim, index), weight, bias)
         outputs = []
-        for index_name, weight_name, bias_name, size_out, size_in in self._exec:
-            index, weight, bias = (getattr(self, index_name), getattr(self, weight_name),
-                                   getattr(self, bias_name))
+        for index, weight, bias, size_out, size_in in pieces:
             if size_in == 0:
                 outputs.append(self._constant_output(x, size_out, bias))
                 continue
             outputs.append(op(x if index is None else x.index_select(dim, index), weight, bias))
         y = outputs[0] if len(outputs) == 1 else torch.cat(outputs, dim)
-        if self._exec_out_name is not None:
-            y = y.index_select(dim, getattr(self, self._exec_out_name))
+        if self._exec_out is not None:
+            y = y.index_select(dim, self._exec_out)
         return y
 
     def exec_macs_per_position(self) -> int:

@@ -9,12 +9,16 @@ Three passes, all exact:
    BN channels (ResNet bottlenecks conv1->bn1->conv2->bn2->conv3, DenseNet conv1->norm2->conv2).
 3. Execution plan per layer: groups merged into buckets of similar input sets (zero-filled),
    run as a loop of dense layers, as one padded grouped convolution, or as the dense layer over
-   every input; chosen by timing each candidate on the layer's real input (``example_input``) or,
-   without one, by a cost model. The dense form is always a candidate, so no layer is slower than
-   its dense original by more than timing noise.
+   every input; chosen by timing the candidates interleaved on the layer's real input
+   (``example_input``) or, without one, by a cost model. The dense form is always a candidate and
+   is only replaced by a form faster by a margin, so noise cannot pick a slower layer.
+4. Gathered BatchNorms (DenseNet's norm1, which selects the channels conv1 reads) become plain
+   BNs over their whole input where the gather, a copy of a wide feature map, costs more than it
+   saves.
 """
 from __future__ import annotations
 
+import copy
 import statistics
 import time
 from typing import Iterable
@@ -245,19 +249,24 @@ def estimate_cost(layer, plan: dict | None) -> float:
     return penalty * macs + 0.04 * dense * calls + 4.0 * gathered
 
 
-def time_call(fn, repeats: int = 5, warmup: int = 2, device: torch.device | None = None) -> float:
-    """Median wall time of ``fn()`` in seconds (synchronising a CUDA device around each run)."""
+def time_interleaved(fns: dict, repeats: int = 5, warmup: int = 2,
+                     device: torch.device | None = None) -> dict:
+    """Median wall time in seconds of each callable in ``fns``. Every round calls each one in
+    turn, so a slow spell of a shared machine hits all of them alike (a CUDA device is
+    synchronised around each call)."""
     sync = (lambda: torch.cuda.synchronize(device)) if device is not None and device.type == "cuda" else (lambda: None)
     for _ in range(warmup):
-        fn()
+        for fn in fns.values():
+            fn()
     sync()
-    times = []
+    samples: dict = {name: [] for name in fns}
     for _ in range(repeats):
-        start = time.perf_counter()
-        fn()
-        sync()
-        times.append(time.perf_counter() - start)
-    return statistics.median(times)
+        for name, fn in fns.items():
+            start = time.perf_counter()
+            fn()
+            sync()
+            samples[name].append(time.perf_counter() - start)
+    return {name: statistics.median(values) for name, values in samples.items()}
 
 
 def capture_inputs(model: nn.Module, example_input, types=_DEPLOYED) -> dict[str, torch.Tensor]:
@@ -278,22 +287,29 @@ def capture_inputs(model: nn.Module, example_input, types=_DEPLOYED) -> dict[str
 
 
 @torch.no_grad()
-def choose_plan(layer, x: torch.Tensor | None = None, repeats: int = 5) -> dict:
-    """Give ``layer`` its fastest exact plan; returns {plan label: seconds or estimated cost}."""
+def choose_plan(layer, x: torch.Tensor | None = None, repeats: int = 5, margin: float = 0.05) -> dict:
+    """Give ``layer`` its fastest exact plan; returns {plan label: seconds or estimated cost}.
+
+    Candidates are timed interleaved on ``x`` (or scored by the cost model without it). The
+    dense plan is kept unless another is faster by more than ``margin``: a plan that wins only
+    by timing noise must not be able to make the layer slower than its dense original."""
     was_training = layer.training
     layer.eval()
-    results, best = {}, None
-    for plan in candidate_plans(layer):
-        label = plan_label(plan)
-        if x is None:
-            score = estimate_cost(layer, plan)
-        else:
-            _set_plan(layer, plan)
-            score = time_call(lambda: layer(x), repeats=repeats, device=x.device)
-        results[label] = score
-        if best is None or score < best[0]:
-            best = (score, plan)
-    _set_plan(layer, best[1])
+    plans = {plan_label(plan): plan for plan in candidate_plans(layer)}
+    if x is None:
+        results = {label: estimate_cost(layer, plan) for label, plan in plans.items()}
+    else:
+        copies = {}
+        for label, plan in plans.items():
+            candidate = copy.deepcopy(layer)
+            _set_plan(candidate, plan)
+            copies[label] = candidate
+        results = time_interleaved({label: (lambda m=m: m(x)) for label, m in copies.items()},
+                                   repeats=repeats, warmup=2, device=x.device)
+    best = min(results, key=results.get)
+    if best != "dense" and results[best] > (1.0 - margin) * results["dense"]:
+        best = "dense"
+    _set_plan(layer, plans[best])
     layer.train(was_training)
     return results
 
@@ -340,15 +356,88 @@ def _bucket_order(layer) -> list[int] | None:
     return [g for bucket in layer.plan["buckets"] for g in bucket]
 
 
+# --- pass 4: gathered BatchNorms --------------------------------------------------------------
+
+def gathered_bn_pairs(model: nn.Module) -> list[tuple[str, str]]:
+    """Fully-qualified (BN, conv) names where a gathering BN feeds a deployed conv through
+    element-wise ops only (the pairs sgdet.deploy gathered, e.g. DenseNet's norm1 -> conv1)."""
+    from .deploy import BN_CONV_PAIRS
+    found = []
+    for prefix, module in model.named_modules():
+        pairs = BN_CONV_PAIRS.get(type(module))
+        if pairs is None and isinstance(module, nn.Sequential):
+            names, mods = list(module._modules), list(module._modules.values())
+            pairs = []
+            for i, m in enumerate(mods):
+                j = i + 1
+                while j < len(mods) and isinstance(mods[j], _ELEMENTWISE):
+                    j += 1
+                if isinstance(m, GatheredBatchNorm2d) and j < len(mods) and isinstance(mods[j], DiverseGroupConv2d):
+                    pairs.append((names[i], names[j]))
+        join = (prefix + ".") if prefix else ""
+        for a, b in pairs or ():
+            bn, conv = getattr(module, a, None), getattr(module, b, None)
+            if _gathers(bn) and isinstance(conv, DiverseGroupConv2d) and bn.num_features == conv.in_channels:
+                found.append((join + a, join + b))
+    return found
+
+
+@torch.no_grad()
+def ungather_batchnorm(model: nn.Module, bn_name: str, conv_name: str) -> None:
+    """Replace a gathering BN by a plain BN over its whole input and let the conv read the
+    original channel numbers. Where the BN keeps most channels, the gather (a copy of a wide
+    DenseNet feature map) costs more than normalising the few extra channels, which no group
+    reads: they get weight 0 and bias 0. Exact for finite inputs."""
+    bn, conv = model.get_submodule(bn_name), model.get_submodule(conv_name)
+    full = nn.BatchNorm2d(bn.in_channels, bn.eps, bn.momentum, bn.affine, bn.track_running_stats)
+    reference = bn.running_mean if bn.running_mean is not None else bn.weight
+    if reference is not None:
+        full = full.to(device=reference.device, dtype=reference.dtype)
+    full.train(bn.training)
+    index = bn.channel_index
+    if bn.affine:
+        full.weight.zero_()
+        full.weight[index] = bn.weight
+        full.bias[index] = bn.bias
+    if bn.track_running_stats:
+        full.running_mean[index] = bn.running_mean
+        full.running_var[index] = bn.running_var
+        full.num_batches_tracked.copy_(bn.num_batches_tracked)
+    conv.in_index.copy_(index[conv.in_index])
+    conv.in_channels = bn.in_channels
+    conv.refresh()
+    _set(model, bn_name, full)
+
+
+def _ungather_pays(bn, conv, x: torch.Tensor | None, repeats: int, margin: float) -> bool:
+    """Time BN + conv gathered and un-gathered on the BN's real input; without one, un-gather
+    where the BN keeps at least 90 % of its input (the gather then saves almost no work)."""
+    if x is None:
+        return bn.num_features >= 0.9 * bn.in_channels
+    trial = copy.deepcopy(nn.ModuleDict({"bn": bn, "conv": conv})).eval()
+    ungather_batchnorm(trial, "bn", "conv")
+    seconds = time_interleaved({"gathered": lambda: conv(bn(x)), "full": lambda: trial.conv(trial.bn(x))},
+                               repeats=repeats, warmup=2, device=x.device)
+    return seconds["full"] < (1.0 - margin) * seconds["gathered"]
+
+
 @torch.no_grad()
 def optimize(model: nn.Module, example_input: torch.Tensor | None = None, repeats: int = 5,
-             dead_channels: bool = True, plans: bool = True) -> dict:
-    """Make a deployed model fast, in place: fold permutations, drop dead channels, and give
-    every deployed layer its fastest exact plan (timed on ``example_input`` where given, on the
-    device it lives on). Returns a report {layer: {"plan": label, "candidates": {...}}, ...}."""
+             dead_channels: bool = True, plans: bool = True, ungather: bool = True,
+             margin: float = 0.05) -> dict:
+    """Make a deployed model fast, in place: fold permutations, drop dead channels, give every
+    deployed layer its fastest exact plan, and un-gather BNs where that pays. Decisions are
+    timed on ``example_input`` (on the device, and in the memory format, it comes in: pass a
+    channels_last input to tune a model that will run channels_last) or, without one, taken
+    from a cost model. Another form replaces the dense one only when faster by ``margin``.
+    Returns a report {"layers": {layer: {"plan": label, "candidates": {...}}}, ...}."""
     if any(type(m).__name__ in ("SGConv2d", "SGLinear") for m in model.modules()):
         raise ConfigError("optimize() takes a deployed model; call sgdet.deploy(model, optimize=True)")
-    report: dict = {"dropped_channels": 0, "layers": {}}
+    if not 0.0 <= margin < 1.0:
+        raise ConfigError(f"margin must be in [0, 1), got {margin!r}")
+    was_training = model.training
+    model.eval()
+    report: dict = {"dropped_channels": 0, "ungathered_norms": 0, "layers": {}}
     chains = conv_bn_conv_chains(model)
     for names in chains:
         p, bn, c = (model.get_submodule(n) for n in names)
@@ -359,7 +448,8 @@ def optimize(model: nn.Module, example_input: torch.Tensor | None = None, repeat
         inputs = capture_inputs(model, example_input) if example_input is not None else {}
         for name, layer in model.named_modules():
             if isinstance(layer, _DEPLOYED) and len(layer.weights):
-                results = choose_plan(layer, inputs.get(name) if example_input is not None else None, repeats)
+                results = choose_plan(layer, inputs.get(name) if example_input is not None else None,
+                                      repeats, margin)
                 report["layers"][name] = {"plan": plan_label(layer.plan), "candidates": results}
     for names in conv_bn_conv_chains(model):       # make bucketed producers emit bucket order
         p, bn, c = (model.get_submodule(n) for n in names)
@@ -367,4 +457,14 @@ def optimize(model: nn.Module, example_input: torch.Tensor | None = None, repeat
         if order is not None and order != list(range(len(order))):
             reorder_groups(p, order)
         fold_permutation(p, bn, c)
+    if ungather:
+        pairs = gathered_bn_pairs(model)
+        norms = (capture_inputs(model, example_input, (GatheredBatchNorm2d,))
+                 if example_input is not None and pairs else {})
+        for bn_name, conv_name in pairs:
+            bn, conv = model.get_submodule(bn_name), model.get_submodule(conv_name)
+            if _ungather_pays(bn, conv, norms.get(bn_name), repeats, margin):
+                ungather_batchnorm(model, bn_name, conv_name)
+                report["ungathered_norms"] += 1
+    model.train(was_training)
     return report

@@ -10,8 +10,8 @@ from torch.utils.flop_counter import FlopCounterMode
 
 import sgdet
 from sgdet import DiverseGroupConv2d, DiverseGroupLinear, GatheredBatchNorm2d
-from sgdet.fast import (_set_plan, candidate_plans, conv_bn_conv_chains, merge_groups, optimize,
-                        plan_label)
+from sgdet.fast import (_set_plan, candidate_plans, choose_plan, conv_bn_conv_chains, gathered_bn_pairs,
+                        merge_groups, optimize, plan_label, ungather_batchnorm)
 
 from conftest import assert_same_output, make_densenet, make_resnet18, randomize_bn
 
@@ -181,3 +181,42 @@ def test_optimize_refuses_a_masked_model(compressed):
     model, _ = compressed["basic"]
     with pytest.raises(sgdet.ConfigError):
         optimize(model)
+
+
+def test_ungathering_every_batchnorm_is_exact_and_round_trips(compressed, tmp_path):
+    model, size = compressed["densenet"]
+    x = torch.randn(2, *size)
+    fast = sgdet.deploy(model)
+    optimize(fast, plans=False, ungather=False)
+    pairs = gathered_bn_pairs(fast)
+    assert pairs                                     # DenseNet's norm1s gather the channels conv1 reads
+    for bn_name, conv_name in pairs:
+        gathered = fast.get_submodule(bn_name)
+        ungather_batchnorm(fast, bn_name, conv_name)
+        full, conv = fast.get_submodule(bn_name), fast.get_submodule(conv_name)
+        assert type(full) is torch.nn.BatchNorm2d and full.num_features == gathered.in_channels
+        assert conv.in_channels == gathered.in_channels
+    assert gathered_bn_pairs(fast) == []
+    for layer in fast.modules():                     # then plans on top of the wider inputs
+        if isinstance(layer, DiverseGroupConv2d):
+            layer.plan = {"mode": "loop", "buckets": [list(range(len(layer.weights)))]}
+            layer.refresh()
+    with torch.no_grad():
+        ref = model(x)
+        assert_same_output(ref, fast(x))
+    path = tmp_path / "ungathered.sg.pt"
+    sgdet.save(fast, path)
+    again = sgdet.load(path, model=make_densenet()).eval()
+    with torch.no_grad():
+        assert_same_output(ref, again(x))
+
+
+def test_plan_choice_keeps_dense_unless_clearly_faster(compressed):
+    model, size = compressed["bottleneck"]
+    deployed = sgdet.deploy(model)
+    layer = deployed.get_submodule("layer2.0.conv2")
+    x = torch.randn(2, layer.in_channels, 8, 8)
+    results = choose_plan(layer, x, repeats=1, margin=0.99)     # nothing is 100x faster than dense
+    assert set(results) >= {"dense", "per-group"} and layer.plan["mode"] == "dense"
+    with pytest.raises(sgdet.ConfigError):
+        optimize(deployed, margin=1.5)
