@@ -4,7 +4,8 @@ of ResNet50 and DenseNet201 at Conv-60/70/80 / FC-60, g = 16, 224 px, batch 1 an
 onnxruntime timings of the exported dense, deployed and fast models, and per-layer speed-ups.
 
 All variants of one setting are timed in the same run, interleaved round by round (warm-up, then
-the median of the repeats). Weights are random (kaiming init, seeded); compression is one-shot.
+the median of the repeats). The dense baseline is timed in both layouts (NCHW and channels_last)
+and speed-ups are taken over the faster one, so no gain is credited to the layout alone. Weights are random (kaiming init, seeded); compression is one-shot.
 Writes <out>.json and <out>.md (default benchmarks/results/deploy_speed). Targets (issue 4, CPU,
 batch 8, whole network vs dense): never below 1.0x for a model or a layer; ResNet50 Conv-60/FC-60
 >= 1.3x, Conv-80/FC-60 >= 1.6x."""
@@ -23,30 +24,9 @@ import time
 import torch
 
 import sgdet
-from sgdet.fast import capture_inputs
+from sgdet.fast import capture_inputs, time_interleaved
 
 TARGETS = {("resnet50", 0.6): 1.3, ("resnet50", 0.8): 1.6}
-
-
-def _sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-
-
-def time_interleaved(fns: dict, repeats: int, warmup: int, device: torch.device) -> dict:
-    """Median seconds per callable; each round calls every variant once, in turn."""
-    for _ in range(warmup):
-        for fn in fns.values():
-            fn()
-    _sync(device)
-    samples = {k: [] for k in fns}
-    for _ in range(repeats):
-        for name, fn in fns.items():
-            start = time.perf_counter()
-            fn()
-            _sync(device)
-            samples[name].append(time.perf_counter() - start)
-    return {k: statistics.median(v) for k, v in samples.items()}
 
 
 def per_layer(dense, fast, x, repeats, device) -> list[dict]:
@@ -68,69 +48,87 @@ def per_layer(dense, fast, x, repeats, device) -> list[dict]:
 
 
 def onnx_timings(variants: dict, batches, repeats, warmup, threads) -> dict:
+    """Export every variant, then time them interleaved per batch size, one session each."""
     from sgdet.export import export, load_runner
     out = {}
     with tempfile.TemporaryDirectory() as folder:
+        runners = {}
         for name, model in variants.items():
             path = os.path.join(folder, f"{name}.onnx")
-            example = torch.randn(1, 3, 224, 224)
-            info = export(model.cpu().eval(), path, "onnx", example)
-            runners = {b: load_runner(path, "onnx", threads) for b in batches}
+            info = export(model.cpu().eval(), path, "onnx", torch.randn(1, 3, 224, 224))
+            runners[name] = load_runner(path, "onnx", threads)
             out[name] = {"weights": info["weights"], "max_abs_diff": info["max_abs_diff"]}
-            for b in batches:
-                xb = torch.randn(b, 3, 224, 224)
-                out[name][f"batch{b}_ms"] = 1e3 * time_interleaved({"x": lambda: runners[b](xb)},
-                                                                   repeats, warmup, torch.device("cpu"))["x"]
+        for b in batches:
+            xb = torch.randn(b, 3, 224, 224)
+            t = time_interleaved({n: (lambda r=r: r(xb)) for n, r in runners.items()}, repeats, warmup,
+                                 torch.device("cpu"))
+            for name, seconds in t.items():
+                out[name][f"batch{b}_ms"] = 1e3 * seconds
     return out
 
 
 def run_setting(arch, ratio, fc, groups, device, batches, repeats, warmup, calib_repeats,
-                layers, onnx, threads, log) -> dict:
+                layers, onnx, threads, log, memory_format=torch.channels_last, exact_variant=True) -> dict:
     torch.manual_seed(0)
     dense = sgdet.build(arch).eval()
     masked = copy.deepcopy(dense)
     sgdet.compress(masked, conv_ratio=ratio, fc_ratio=fc, groups=groups, step=None, seed=0)
     masked.eval()
     base, after = sgdet.count(dense, (3, 224, 224)), sgdet.count(masked, (3, 224, 224))
-    exact = sgdet.deploy(masked).eval()
+    exact = sgdet.deploy(masked).eval() if exact_variant else None
     calib_batch = max(batches)
+    layout = lambda t: t.contiguous(memory_format=memory_format)         # noqa: E731
     start = time.perf_counter()
-    fast = sgdet.deploy(masked.to(device), optimize=True,
-                        example_input=torch.randn(calib_batch, 3, 224, 224, device=device),
+    fast = sgdet.deploy(masked.to(device).to(memory_format=memory_format), optimize=True,
+                        example_input=layout(torch.randn(calib_batch, 3, 224, 224, device=device)),
                         repeats=calib_repeats).eval()
     calib_s = time.perf_counter() - start
     report = fast.sgdet_fast_report
     plans: dict = {}
     for entry in report["layers"].values():
         plans[entry["plan"]] = plans.get(entry["plan"], 0) + 1
-    variants = {"dense": dense, "masked": masked, "deployed": exact, "fast": fast}
-    for m in variants.values():
-        m.to(device)
+    # the dense baseline in both layouts: a speed-up must not come from the layout alone
+    dense_cl = copy.deepcopy(dense).to(memory_format=torch.channels_last)
+    variants = {"dense": dense, "dense_cl": dense_cl, "masked": masked, "deployed": exact, "fast": fast}
+    variants = {k: m.to(device) for k, m in variants.items() if m is not None}
+    formats = {k: (torch.contiguous_format if k == "dense" else torch.channels_last if k == "dense_cl"
+                   else memory_format) for k in variants}
+    for k, m in variants.items():
+        m.to(memory_format=formats[k])
     result = {"arch": arch, "conv_ratio": ratio, "fc_ratio": fc, "groups": groups, "device": str(device),
+              "memory_format": str(memory_format).replace("torch.", ""),
               "flops_dense": base["flops"], "flops_sg": after["flops"], "params_dense": base["params"],
               "params_sg": after["params"], "flop_ratio": base["flops"] / after["flops"],
               "fast_flops": sgdet.count_flops(fast, (3, 224, 224)), "fast_params": sgdet.count_params(fast),
-              "dropped_channels": report["dropped_channels"], "plans": plans, "calibration_s": calib_s,
-              "batches": {}}
+              "dropped_channels": report["dropped_channels"], "ungathered_norms": report["ungathered_norms"],
+              "plans": plans, "calibration_s": calib_s, "batches": {}}
     with torch.inference_mode():
         x = torch.randn(2, 3, 224, 224, device=device)
-        ref = masked(x)
-        result["max_abs_diff_fast"] = float((fast(x) - ref).abs().max())
-        result["max_abs_diff_deployed"] = float((exact(x) - ref).abs().max())
+        ref = masked(layout(x))
+        result["max_abs_diff_fast"] = float((fast(layout(x)) - ref).abs().max())
+        if exact is not None:
+            result["max_abs_diff_deployed"] = float((exact(layout(x)) - ref).abs().max())
         result["output_scale"] = float(ref.abs().max())
         for b in batches:
             xb = torch.randn(b, 3, 224, 224, device=device)
-            t = time_interleaved({k: (lambda m=m: m(xb)) for k, m in variants.items()}, repeats, warmup, device)
-            result["batches"][b] = {f"{k}_ms": 1e3 * v for k, v in t.items()}
-            result["batches"][b].update({f"{k}_speedup": t["dense"] / v for k, v in t.items() if k != "dense"})
+            inputs = {k: xb.contiguous(memory_format=f) for k, f in formats.items()}
+            t = time_interleaved({k: (lambda m=m, k=k: m(inputs[k])) for k, m in variants.items()},
+                                 repeats, warmup, device)
+            best = min(("dense", "dense_cl"), key=t.get)
+            row = {f"{k}_ms": 1e3 * v for k, v in t.items()}
+            row["best_dense"] = best
+            row.update({f"{k}_speedup": t[best] / v for k, v in t.items()})
+            result["batches"][b] = row
             log(f"{arch} Conv-{round(100 * ratio)} {device} batch {b}: " +
                 ", ".join(f"{k} {1e3 * v:.1f} ms" for k, v in t.items()))
     if layers:
-        result["layers"] = per_layer(dense, fast, torch.randn(calib_batch, 3, 224, 224, device=device),
+        baseline = dense_cl if memory_format == torch.channels_last else dense
+        result["layers"] = per_layer(baseline, fast, layout(torch.randn(calib_batch, 3, 224, 224, device=device)),
                                      max(5, repeats // 2), device)
         result["worst_layer"] = min(result["layers"], key=lambda r: r["speedup"]) if result["layers"] else None
     if onnx and device.type == "cpu":
-        result["onnxruntime"] = onnx_timings({"dense": dense, "deployed": exact, "fast": fast},
+        onnx_variants = {"dense": dense, "deployed": exact, "fast": fast}
+        result["onnxruntime"] = onnx_timings({k: m for k, m in onnx_variants.items() if m is not None},
                                              batches, repeats, warmup, threads)
     return result
 
@@ -162,16 +160,21 @@ def markdown(payload: dict) -> str:
              f"onnxruntime {m.get('onnxruntime', '-')}, {m['when']}. Random weights, one-shot compression, g = 16, "
              f"224 px; median of {payload['repeats']} interleaved runs after {payload['warmup']} warm-ups; "
              "speed-up = dense time / variant time.", "",
-             "| Model | Device | Batch | FLOP ratio | dense ms | masked | deployed (exact) | fast | fast ms | target | plans |",
-             "|---|---|---|---|---|---|---|---|---|---|---|"]
+             "Speed-ups are over the faster of the two dense layouts (NCHW as built, channels_last), timed "
+             "in the same run; masked, deployed and fast run in the layout the table names.", "",
+             "| Model | Device | Layout | Batch | FLOP ratio | dense NCHW ms | dense channels_last ms | masked | "
+             "deployed (exact) | fast | fast ms | target | plans |",
+             "|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in payload["results"]:
         for b, t in r["batches"].items():
             target = TARGETS.get((r["arch"], r["conv_ratio"])) if r["device"] == "cpu" and int(b) == 8 else None
             verdict = "-" if target is None else f">= {target}x: {'met' if t['fast_speedup'] >= target else 'MISSED'}"
             plans = ", ".join(f"{k} {v}" for k, v in sorted(r["plans"].items()))
+            exact = f"{t['deployed_speedup']:.2f}x" if "deployed_speedup" in t else "not run"
             lines.append(f"| {r['arch']} Conv-{round(100 * r['conv_ratio'])}/FC-{round(100 * r['fc_ratio'])} | "
-                         f"{r['device']} | {b} | {r['flop_ratio']:.2f}x | {t['dense_ms']:.1f} | "
-                         f"{t['masked_speedup']:.2f}x | {t['deployed_speedup']:.2f}x | {t['fast_speedup']:.2f}x | "
+                         f"{r['device']} | {r.get('memory_format', 'contiguous_format')} | {b} | "
+                         f"{r['flop_ratio']:.2f}x | {t['dense_ms']:.1f} | {t.get('dense_cl_ms', float('nan')):.1f} | "
+                         f"{t['masked_speedup']:.2f}x | {exact} | {t['fast_speedup']:.2f}x | "
                          f"{t['fast_ms']:.1f} | {verdict} | {plans} |")
     ort_rows = [r for r in payload["results"] if r.get("onnxruntime")]
     if ort_rows:
@@ -182,10 +185,12 @@ def markdown(payload: dict) -> str:
             o = r["onnxruntime"]
             for b in r["batches"]:
                 d = o["dense"][f"batch{b}_ms"]
+                exact = o.get("deployed")
                 lines.append(f"| {r['arch']} Conv-{round(100 * r['conv_ratio'])} | {b} | {d:.1f} | "
-                             f"{d / o['deployed'][f'batch{b}_ms']:.2f}x | {d / o['fast'][f'batch{b}_ms']:.2f}x | "
-                             f"{o['dense']['weights'] / 1e6:.2f}M / {o['deployed']['weights'] / 1e6:.2f}M / "
-                             f"{o['fast']['weights'] / 1e6:.2f}M |")
+                             + (f"{d / exact[f'batch{b}_ms']:.2f}x | " if exact else "not run | ")
+                             + f"{d / o['fast'][f'batch{b}_ms']:.2f}x | {o['dense']['weights'] / 1e6:.2f}M / "
+                             + (f"{exact['weights'] / 1e6:.2f}M" if exact else "-")
+                             + f" / {o['fast']['weights'] / 1e6:.2f}M |")
     layer_rows = [r for r in payload["results"] if r.get("layers")]
     if layer_rows:
         lines += ["", "Per layer (fast layer vs the dense layer it replaces, on its real input, largest batch):", "",
@@ -221,6 +226,11 @@ def main(argv=None) -> None:
     parser.add_argument("--threads", type=int, default=os.cpu_count(), help="CPU threads (default: all cores)")
     parser.add_argument("--no-layers", action="store_true", help="skip the per-layer timings")
     parser.add_argument("--no-onnx", action="store_true", help="skip the onnxruntime timings")
+    parser.add_argument("--no-exact", action="store_true",
+                        help="skip the exact (per-group) deployed model, 10-20x slower than dense on a CPU")
+    parser.add_argument("--memory-format", choices=["channels_last", "contiguous"], default="channels_last",
+                        help="layout the masked, deployed and fast models run (and are tuned) in; the dense "
+                             "baseline is always timed in both")
     parser.add_argument("--label", default=None, help="free text naming the machine in the report")
     parser.add_argument("--out", default=os.path.join(os.path.dirname(__file__), "results", "deploy_speed"))
     args = parser.parse_args(argv)
@@ -236,7 +246,10 @@ def main(argv=None) -> None:
                 results.append(run_setting(arch, ratio, args.fc_ratio, args.groups, device, args.batches,
                                            args.repeats, args.warmup, args.calib_repeats,
                                            not args.no_layers,
-                                           not args.no_onnx, args.threads, log))
+                                           not args.no_onnx, args.threads, log,
+                                           torch.channels_last if args.memory_format == "channels_last"
+                                           else torch.contiguous_format,
+                                           not args.no_exact))
                 # write as we go: a run cut short still leaves every finished setting behind
                 write_atomic(args.out + ".json", json.dumps(payload, indent=1))
                 write_atomic(args.out + ".md", markdown(payload))

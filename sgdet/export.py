@@ -136,6 +136,8 @@ def load_runner(path: str, fmt: str, threads: int | None = None):
     _, ort = _require_onnx()
     options = ort.SessionOptions()
     options.intra_op_num_threads = threads
+    # idle sessions must not spin: benchmarks hold several at once and time them in turn
+    options.add_session_config_entry("session.intra_op.allow_spinning", "0")
     session = ort.InferenceSession(path, options, providers=["CPUExecutionProvider"])
     name = session.get_inputs()[0].name
     return lambda x: session.run(None, {name: x.numpy()})[0]
