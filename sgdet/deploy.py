@@ -34,6 +34,14 @@ def _group_layout(layer: nn.Module, in_map: torch.Tensor | None):
     return order, out_order, in_index, group_out, [int(p.numel()) for p in per_group], per_group
 
 
+def select_channels(x: torch.Tensor, dim: int, index: torch.Tensor) -> torch.Tensor:
+    """x.index_select(dim, index), keeping a channels_last feature map channels_last (index_select
+    would return it in NCHW, and every following conv would convert it back)."""
+    if dim == 1 and x.dim() == 4 and not x.is_contiguous() and x.is_contiguous(memory_format=torch.channels_last):
+        return x.permute(0, 2, 3, 1).index_select(3, index).permute(0, 3, 1, 2)
+    return x.index_select(dim, index)
+
+
 class _DiverseGroup(nn.Module):
     """Shared state of deployed layers: the gather index, group sizes and the output order."""
 
@@ -166,6 +174,10 @@ class _DiverseGroup(nn.Module):
             pieces.append((chans, weight, bias, rows))
         if mode == "grouped":
             pieces = [self._pad_pieces(pieces, kernel, dtype)]
+        if len(kernel) == 2 and len(self.weights) and self.weights[0].is_contiguous(memory_format=torch.channels_last) \
+                and not self.weights[0].is_contiguous():
+            # a channels_last model keeps its plan weights channels_last: no reorder per call
+            pieces = [(c, w.contiguous(memory_format=torch.channels_last), b, r) for c, w, b, r in pieces]
         cat_rows = torch.cat([p[3] for p in pieces])            # exec position -> cat position
         position = torch.full((self.out_features_total,), -1, dtype=torch.long, device=ref.device)
         real = cat_rows >= 0
@@ -217,16 +229,16 @@ class _DiverseGroup(nn.Module):
         if len(pieces) == 1 and self._exec_out is None:
             index, weight, bias, size_out, size_in = pieces[0]
             if size_in:     # the common case (one dense or merged piece): a single kernel call
-                return op(x if index is None else x.index_select(dim, index), weight, bias)
+                return op(x if index is None else select_channels(x, dim, index), weight, bias)
         outputs = []
         for index, weight, bias, size_out, size_in in pieces:
             if size_in == 0:
                 outputs.append(self._constant_output(x, size_out, bias))
                 continue
-            outputs.append(op(x if index is None else x.index_select(dim, index), weight, bias))
+            outputs.append(op(x if index is None else select_channels(x, dim, index), weight, bias))
         y = outputs[0] if len(outputs) == 1 else torch.cat(outputs, dim)
         if self._exec_out is not None:
-            y = y.index_select(dim, self._exec_out)
+            y = select_channels(y, dim, self._exec_out)
         return y
 
     def exec_macs_per_position(self) -> int:
@@ -293,7 +305,7 @@ class DiverseGroupConv2d(_DiverseGroup):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self._fast_active():
             return self._run_fast(x, 1, self._conv)
-        gathered = x.index_select(1, self.in_index)
+        gathered = select_channels(x, 1, self.in_index)
         outputs, start_in, start_out = [], 0, 0
         for weight, size_out, size_in in zip(self.weights, self.group_out, self.group_in):
             bias = self._bias_slice(start_out, size_out)
@@ -309,7 +321,10 @@ class DiverseGroupConv2d(_DiverseGroup):
             start_in += size_in
             start_out += size_out
         y = torch.cat(outputs, 1)
-        return y.index_select(1, self.out_order) if self._reorder else y
+        y = select_channels(y, 1, self.out_order) if self._reorder else y
+        if not x.is_contiguous() and x.is_contiguous(memory_format=torch.channels_last):
+            y = y.contiguous(memory_format=torch.channels_last)    # convs of channel slices emit NCHW
+        return y
 
     def sg_macs(self, x: torch.Tensor, output: torch.Tensor) -> int:
         spatial = output.shape[0] * output[0, 0].numel()
@@ -419,7 +434,7 @@ class GatheredBatchNorm2d(nn.BatchNorm2d):
                 "track_running_stats": self.track_running_stats}
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return super().forward(x if self._identity else x.index_select(1, self.channel_index))
+        return super().forward(x if self._identity else select_channels(x, 1, self.channel_index))
 
 
 # Modules whose forward applies BN (then an element-wise activation) straight into a conv:
@@ -490,8 +505,9 @@ def deploy(model: nn.Module, inplace: bool = False, optimize: bool = False,
 
     ``optimize=True`` then runs sgdet.fast.optimize: permutations folded into neighbours, dead
     channels dropped, and each layer given its fastest exact execution plan, timed on
-    ``example_input`` (on the model's device) where one is given, else from a cost model. The
-    report is kept as ``deployed.sgdet_fast_report``."""
+    ``example_input`` (on the model's device) where one is given, else from a cost model. A
+    channels_last ``example_input`` turns the model channels_last first, so plans are timed in
+    the layout the model will run in. The report is kept as ``deployed.sgdet_fast_report``."""
     from .models import arch_of
     arch = arch_of(model)
     deployed = model if inplace else copy.deepcopy(model)
@@ -519,6 +535,9 @@ def deploy(model: nn.Module, inplace: bool = False, optimize: bool = False,
         _set(deployed, name, new)
     if optimize:
         from .fast import optimize as make_fast
+        if (example_input is not None and example_input.dim() == 4 and not example_input.is_contiguous()
+                and example_input.is_contiguous(memory_format=torch.channels_last)):
+            deployed = deployed.to(memory_format=torch.channels_last)   # tune in the layout it will run in
         deployed.sgdet_fast_report = make_fast(deployed, example_input, repeats=repeats)
     return deployed
 

@@ -220,3 +220,35 @@ def test_plan_choice_keeps_dense_unless_clearly_faster(compressed):
     assert set(results) >= {"dense", "per-group"} and layer.plan["mode"] == "dense"
     with pytest.raises(sgdet.ConfigError):
         optimize(deployed, margin=1.5)
+
+
+def test_channels_last_example_tunes_a_channels_last_model(compressed):
+    model, size = compressed["bottleneck"]
+    x = torch.randn(2, *size).contiguous(memory_format=torch.channels_last)
+    fast = sgdet.deploy(model, optimize=True, example_input=x, repeats=1)
+    conv = fast.get_submodule("layer1.0.conv2")                   # a 3x3 conv
+    assert conv.weights[0].is_contiguous(memory_format=torch.channels_last)
+    for _, weight, _, _, _ in conv._exec_tensors:
+        assert weight.is_contiguous(memory_format=torch.channels_last)
+    with torch.no_grad():
+        assert_same_output(model(x.contiguous()), fast(x))
+        assert_same_output(model(x.contiguous()), fast(x.contiguous()))   # either layout runs
+
+
+def test_gathers_keep_a_channels_last_map_channels_last(compressed):
+    from sgdet.deploy import select_channels
+    x = torch.randn(2, 6, 3, 3).contiguous(memory_format=torch.channels_last)
+    index = torch.tensor([5, 0, 0, 2])
+    y = select_channels(x, 1, index)
+    assert y.is_contiguous(memory_format=torch.channels_last) and torch.equal(y, x.contiguous()[:, index])
+    model, size = compressed["densenet"]
+    xd = torch.randn(2, *size).contiguous(memory_format=torch.channels_last)
+    deployed = sgdet.deploy(model).to(memory_format=torch.channels_last).eval()
+    outputs = []
+    handles = [m.register_forward_hook(lambda mod, inp, out: outputs.append(out))
+               for m in deployed.modules() if isinstance(m, (GatheredBatchNorm2d, DiverseGroupConv2d))]
+    with torch.no_grad():
+        assert_same_output(model(xd.contiguous()), deployed(xd))
+    for h in handles:
+        h.remove()
+    assert outputs and all(o.is_contiguous(memory_format=torch.channels_last) for o in outputs)
