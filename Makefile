@@ -6,7 +6,7 @@ PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 FASHION := /usr/share/datasets/fashion-mnist
 
-.PHONY: demo detection-demo test test-slow setup data bench clean
+.PHONY: demo detection-demo test test-slow setup data bench bench-deploy clean
 
 setup: $(STAMP)
 
@@ -43,6 +43,11 @@ test-slow: setup
 
 bench: setup
 	$(PY) benchmarks/compress_cost.py
+
+# Deployment speed (issue 4): dense / masked / deployed / fast latency and the gather's cost.
+bench-deploy: setup
+	$(PY) benchmarks/deploy_speed.py --out benchmarks/results/deploy_speed
+	$(PY) benchmarks/gather_cost.py
 
 clean:
 	rm -rf out .pytest_cache .hypothesis

@@ -1,0 +1,41 @@
+"""Tests the benchmark scripts end to end on small settings, so the recorded results stay
+reproducible with the current code (the numbers themselves are not checked: they are timings)."""
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def _run(script: str, *args: str) -> None:
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    subprocess.run([sys.executable, os.path.join(ROOT, "benchmarks", script), *args], check=True,
+                   cwd=ROOT, env=env, capture_output=True, timeout=600)
+
+
+def test_deploy_speed_records_every_variant(tmp_path):
+    pytest.importorskip("onnxruntime")
+    out = str(tmp_path / "speed")
+    _run("deploy_speed.py", "--archs", "resnet18", "--ratios", "0.6", "--batches", "1", "--repeats", "1",
+         "--warmup", "0", "--calib-repeats", "1", "--threads", "1", "--out", out)
+    result = json.load(open(out + ".json"))["results"][0]
+    timing = result["batches"]["1"]
+    assert {"dense_ms", "dense_cl_ms", "masked_ms", "deployed_ms", "fast_ms"} <= set(timing)
+    assert timing["best_dense"] in ("dense", "dense_cl")
+    assert result["max_abs_diff_fast"] <= 1e-4 * max(1.0, result["output_scale"])
+    assert result["layers"] and set(result["onnxruntime"]) == {"dense", "deployed", "fast"}
+    assert result["onnxruntime"]["deployed"]["weights"] < result["onnxruntime"]["dense"]["weights"]
+    assert "| resnet18 Conv-60/FC-60 | cpu | channels_last | 1 |" in open(out + ".md").read()
+
+
+def test_gather_cost_covers_every_shape(tmp_path):
+    out = str(tmp_path / "gather")
+    _run("gather_cost.py", "--batch", "1", "--repeats", "1", "--threads", "1", "--out", out)
+    rows = json.load(open(out + ".json"))["rows"]
+    assert len(rows) == 10 and all(r["gathered_channels"] == 16 * round(0.4 * r["c_in"]) for r in rows)
+    assert open(out + ".md").read().count("| layer") == 10
