@@ -219,7 +219,7 @@ def candidate_plans(layer) -> list[dict | None]:
     one grouped convolution, and the dense layer."""
     sets, sizes = _group_sets(layer)
     groups = len(sets)
-    plans: list[dict | None] = [None, {"mode": "dense", "buckets": [list(range(groups))]}]
+    plans: list[dict | None] = [None, dense_plan(layer)]
     nonempty = sum(1 for s, n in zip(sets, sizes) if s and n)
     counts = sorted({b for b in (nonempty, 8, 4, 2) if 1 < b <= nonempty}, reverse=True)
     for b in counts:
@@ -233,6 +233,11 @@ def candidate_plans(layer) -> list[dict | None]:
 def _set_plan(layer, plan: dict | None) -> None:
     layer.plan = plan
     layer.refresh()
+
+
+def dense_plan(layer) -> dict:
+    """The plan that runs the layer as its dense original: one kernel over every input."""
+    return {"mode": "dense", "buckets": [list(range(len(layer.group_out)))]}
 
 
 def estimate_cost(layer, plan: dict | None) -> float:
@@ -252,18 +257,20 @@ def estimate_cost(layer, plan: dict | None) -> float:
 def time_interleaved(fns: dict, repeats: int = 5, warmup: int = 2,
                      device: torch.device | None = None) -> dict:
     """Median wall time in seconds of each callable in ``fns``. Every round calls each one in
-    turn, so a slow spell of a shared machine hits all of them alike (a CUDA device is
-    synchronised around each call)."""
+    turn, starting with a different one each round, so a slow spell of a shared machine hits
+    all of them alike (a CUDA device is synchronised around each call)."""
     sync = (lambda: torch.cuda.synchronize(device)) if device is not None and device.type == "cuda" else (lambda: None)
     for _ in range(warmup):
         for fn in fns.values():
             fn()
     sync()
     samples: dict = {name: [] for name in fns}
-    for _ in range(repeats):
-        for name, fn in fns.items():
+    names = list(fns)
+    for r in range(repeats):
+        # rotate who goes first: the first call of a round can find colder caches
+        for name in names[r % len(names):] + names[:r % len(names)]:
             start = time.perf_counter()
-            fn()
+            fns[name]()
             sync()
             samples[name].append(time.perf_counter() - start)
     return {name: statistics.median(values) for name, values in samples.items()}
@@ -424,12 +431,15 @@ def _ungather_pays(bn, conv, x: torch.Tensor | None, repeats: int, margin: float
 @torch.no_grad()
 def optimize(model: nn.Module, example_input: torch.Tensor | None = None, repeats: int = 5,
              dead_channels: bool = True, plans: bool = True, ungather: bool = True,
-             margin: float = 0.05) -> dict:
+             margin: float = 0.05, verify: bool = True) -> dict:
     """Make a deployed model fast, in place: fold permutations, drop dead channels, give every
     deployed layer its fastest exact plan, and un-gather BNs where that pays. Decisions are
     timed on ``example_input`` (on the device, and in the memory format, it comes in: pass a
     channels_last input to tune a model that will run channels_last) or, without one, taken
     from a cost model. Another form replaces the dense one only when faster by ``margin``.
+    With ``verify`` and an example, the tuned model is finally timed whole against the same
+    model with every layer on its dense plan, and falls back to that when it is not faster by
+    ``margin``: layers tuned one by one can still lose together (caches, layouts).
     Returns a report {"layers": {layer: {"plan": label, "candidates": {...}}}, ...}."""
     if any(type(m).__name__ in ("SGConv2d", "SGLinear") for m in model.modules()):
         raise ConfigError("optimize() takes a deployed model; call sgdet.deploy(model, optimize=True)")
@@ -444,6 +454,12 @@ def optimize(model: nn.Module, example_input: torch.Tensor | None = None, repeat
         fold_permutation(p, bn, c)
         if dead_channels:
             report["dropped_channels"] += drop_dead_channels(model, *names)
+    fallback = None
+    if verify and example_input is not None and (plans or ungather) and len(model._modules):
+        fallback = copy.deepcopy(model)
+        for layer in fallback.modules():
+            if isinstance(layer, _DEPLOYED) and len(layer.weights):
+                _set_plan(layer, dense_plan(layer))
     if plans:
         inputs = capture_inputs(model, example_input) if example_input is not None else {}
         for name, layer in model.named_modules():
@@ -466,5 +482,24 @@ def optimize(model: nn.Module, example_input: torch.Tensor | None = None, repeat
             if _ungather_pays(bn, conv, norms.get(bn_name), repeats, margin):
                 ungather_batchnorm(model, bn_name, conv_name)
                 report["ungathered_norms"] += 1
+    if fallback is not None:
+        report["verified"] = _keep_if_faster(model, fallback, example_input, repeats, margin, report)
     model.train(was_training)
     return report
+
+
+def _keep_if_faster(model: nn.Module, fallback: nn.Module, x: torch.Tensor, repeats: int,
+                    margin: float, report: dict) -> dict:
+    """Time the tuned model against its all-dense-plan copy; swap the copy's modules into
+    ``model`` (in place, so callers' references stay valid) unless tuning won by ``margin``."""
+    seconds = time_interleaved({"tuned": lambda: model(x), "dense": lambda: fallback(x)},
+                               repeats=repeats, warmup=2, device=x.device)
+    kept = seconds["tuned"] < (1.0 - margin) * seconds["dense"]
+    if not kept:
+        for name, child in fallback.named_children():
+            model._modules[name] = child
+        for name, layer in model.named_modules():
+            if name in report["layers"]:
+                report["layers"][name]["plan"] = plan_label(layer.plan)
+        report["ungathered_norms"] = 0
+    return {"tuned_s": seconds["tuned"], "dense_s": seconds["dense"], "kept": kept}

@@ -252,3 +252,40 @@ def test_gathers_keep_a_channels_last_map_channels_last(compressed):
     for h in handles:
         h.remove()
     assert outputs and all(o.is_contiguous(memory_format=torch.channels_last) for o in outputs)
+
+
+def test_interleaved_timing_rotates_who_goes_first():
+    from sgdet.fast import time_interleaved
+    calls = []
+    seconds = time_interleaved({n: (lambda n=n: calls.append(n)) for n in "abc"}, repeats=3, warmup=0)
+    assert calls == list("abcbcacab") and set(seconds) == set("abc")
+
+
+def test_tuned_model_falls_back_to_dense_plans_unless_faster_whole(compressed):
+    from sgdet.fast import _keep_if_faster, dense_plan
+    model, size = compressed["densenet"]
+    x = torch.randn(2, *size)
+    tuned = sgdet.deploy(model).eval()
+    fallback = sgdet.deploy(model).eval()
+    for layer in fallback.modules():
+        if isinstance(layer, (DiverseGroupConv2d, DiverseGroupLinear)) and len(layer.weights):
+            _set_plan(layer, dense_plan(layer))
+    report = {"layers": {}, "ungathered_norms": 0}
+    for name, layer in tuned.named_modules():
+        if isinstance(layer, (DiverseGroupConv2d, DiverseGroupLinear)) and len(layer.weights):
+            _set_plan(layer, candidate_plans(layer)[-1])                 # a merged, non-dense plan
+            report["layers"][name] = {"plan": plan_label(layer.plan)}
+    bn, conv = gathered_bn_pairs(tuned)[0]
+    ungather_batchnorm(tuned, bn, conv)
+    report["ungathered_norms"] = 1
+    held = tuned                                                         # callers' reference
+    verdict = _keep_if_faster(tuned, fallback, x, repeats=1, margin=0.99, report=report)
+    assert verdict["kept"] is False and held is tuned                   # nothing is 100x faster
+    assert all(entry["plan"] == "dense" for entry in report["layers"].values())
+    assert report["ungathered_norms"] == 0 and isinstance(tuned.get_submodule(bn), GatheredBatchNorm2d)
+    with torch.no_grad():
+        assert_same_output(model(x), tuned(x))
+    fast = sgdet.deploy(model, optimize=True, example_input=x, repeats=1)
+    assert set(fast.sgdet_fast_report["verified"]) == {"tuned_s", "dense_s", "kept"}
+    with torch.no_grad():
+        assert_same_output(model(x), fast(x))
