@@ -174,8 +174,8 @@ class _DiverseGroup(nn.Module):
             pieces.append((chans, weight, bias, rows))
         if mode == "grouped":
             pieces = [self._pad_pieces(pieces, kernel, dtype)]
-        if len(kernel) == 2 and len(self.weights) and self.weights[0].is_contiguous(memory_format=torch.channels_last) \
-                and not self.weights[0].is_contiguous():
+        if len(kernel) == 2 and any(w.is_contiguous(memory_format=torch.channels_last) and not w.is_contiguous()
+                                    for w in self.weights):
             # a channels_last model keeps its plan weights channels_last: no reorder per call
             pieces = [(c, w.contiguous(memory_format=torch.channels_last), b, r) for c, w, b, r in pieces]
         cat_rows = torch.cat([p[3] for p in pieces])            # exec position -> cat position
@@ -282,6 +282,8 @@ class DiverseGroupConv2d(_DiverseGroup):
         new = cls(in_channels or layer.in_channels, layer.out_channels, layer.kernel_size,
                   layer.stride, layer.padding, layer.dilation, group_out, group_in,
                   layer.bias is not None, layer.in_channels).to(layer.weight.device, layer.weight.dtype)
+        if not layer.weight.is_contiguous() and layer.weight.is_contiguous(memory_format=torch.channels_last):
+            new = new.to(memory_format=torch.channels_last)   # NCHW weights would convert on every call
         new._fill(layer, in_map)
         return new
 

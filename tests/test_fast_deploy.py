@@ -289,3 +289,21 @@ def test_tuned_model_falls_back_to_dense_plans_unless_faster_whole(compressed):
     assert set(fast.sgdet_fast_report["verified"]) == {"tuned_s", "dense_s", "kept"}
     with torch.no_grad():
         assert_same_output(model(x), fast(x))
+
+
+def test_deploying_a_channels_last_model_keeps_its_weights_channels_last(compressed):
+    from sgdet.fast import dense_plan
+    model, size = compressed["bottleneck"]
+    deployed = sgdet.deploy(copy_channels_last(model)).eval()
+    conv = deployed.get_submodule("layer1.0.conv2")                   # a 3x3 conv, no optimize()
+    assert all(w.is_contiguous(memory_format=torch.channels_last) for w in conv.weights)
+    _set_plan(conv, dense_plan(conv))          # else each call would convert the weight again
+    assert conv._exec_tensors[0][1].is_contiguous(memory_format=torch.channels_last)
+    x = torch.randn(2, *size).contiguous(memory_format=torch.channels_last)
+    with torch.no_grad():
+        assert_same_output(model(x.contiguous()), deployed(x))
+
+
+def copy_channels_last(model):
+    import copy
+    return copy.deepcopy(model).to(memory_format=torch.channels_last)
