@@ -3,7 +3,8 @@ model and the fast deployed model (sgdet.deploy(..., optimize=True), plans timed
 of ResNet50 and DenseNet201 at Conv-60/70/80 / FC-60, g = 16, 224 px, batch 1 and 8; plus
 onnxruntime timings of the exported dense, deployed and fast models, and per-layer speed-ups.
 
-All variants of one setting are timed in the same run, interleaved round by round (warm-up, then
+All variants of one setting are timed in the same run, interleaved round by round in a shuffled
+order (a run right after the exact per-group model is ~25 % slower; warm-up, then
 the median of the repeats). The dense baseline is timed in both layouts (NCHW and channels_last)
 and speed-ups are taken over the faster one, so no gain is credited to the layout alone. Weights are random (kaiming init, seeded); compression is one-shot.
 Writes <out>.json and <out>.md (default benchmarks/results/deploy_speed). Targets (issue 4, CPU,

@@ -19,6 +19,7 @@ Three passes, all exact:
 from __future__ import annotations
 
 import copy
+import random
 import statistics
 import time
 from typing import Iterable
@@ -256,19 +257,20 @@ def estimate_cost(layer, plan: dict | None) -> float:
 
 def time_interleaved(fns: dict, repeats: int = 5, warmup: int = 2,
                      device: torch.device | None = None) -> dict:
-    """Median wall time in seconds of each callable in ``fns``. Every round calls each one in
-    turn, starting with a different one each round, so a slow spell of a shared machine hits
-    all of them alike (a CUDA device is synchronised around each call)."""
+    """Median wall time in seconds of each callable in ``fns``. Every round calls each one once,
+    in a seeded random order, so a slow spell of a shared machine and the after-effects of one
+    call on the next hit all of them alike (a CUDA device is synchronised around each call)."""
     sync = (lambda: torch.cuda.synchronize(device)) if device is not None and device.type == "cuda" else (lambda: None)
     for _ in range(warmup):
         for fn in fns.values():
             fn()
     sync()
     samples: dict = {name: [] for name in fns}
-    names = list(fns)
-    for r in range(repeats):
-        # rotate who goes first: the first call of a round can find colder caches
-        for name in names[r % len(names):] + names[:r % len(names)]:
+    names, order = list(fns), random.Random(0)
+    for _ in range(repeats):
+        # a fresh order each round: a call runs slower after a memory-hungry one (the exact
+        # per-group model costs the next call ~25 %), so no callable may always follow another
+        for name in order.sample(names, len(names)):
             start = time.perf_counter()
             fns[name]()
             sync()

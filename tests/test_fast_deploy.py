@@ -254,11 +254,18 @@ def test_gathers_keep_a_channels_last_map_channels_last(compressed):
     assert outputs and all(o.is_contiguous(memory_format=torch.channels_last) for o in outputs)
 
 
-def test_interleaved_timing_rotates_who_goes_first():
+def test_interleaved_timing_shuffles_the_order_of_every_round():
     from sgdet.fast import time_interleaved
     calls = []
-    seconds = time_interleaved({n: (lambda n=n: calls.append(n)) for n in "abc"}, repeats=3, warmup=0)
-    assert calls == list("abcbcacab") and set(seconds) == set("abc")
+    seconds = time_interleaved({n: (lambda n=n: calls.append(n)) for n in "abcd"}, repeats=8, warmup=0)
+    rounds = ["".join(calls[i:i + 4]) for i in range(0, 32, 4)]
+    assert all(sorted(r) == list("abcd") for r in rounds) and set(seconds) == set("abcd")
+    assert len(set(rounds)) > 2                                  # no fixed order
+    followers = {r[r.index("a") + 1] for r in rounds if not r.endswith("a")}
+    assert len(followers) > 1                                    # "a" is not always followed by one
+    again = []
+    time_interleaved({n: (lambda n=n: again.append(n)) for n in "abcd"}, repeats=8, warmup=0)
+    assert again == calls                                        # seeded: the same order each run
 
 
 def test_tuned_model_falls_back_to_dense_plans_unless_faster_whole(compressed):
