@@ -48,6 +48,16 @@ def per_layer(dense, fast, x, repeats, device) -> list[dict]:
     return rows
 
 
+def plan_ceiling(candidates: dict) -> dict:
+    """What an ideal per-layer choice could give: the summed layer times on dense plans against
+    the summed times of each layer's fastest calibrated plan (the calibration's own timings)."""
+    dense = sum(c["dense"] for c in candidates.values())
+    best = sum(min(c.values()) for c in candidates.values())
+    wins = sorted(((c["dense"] / min(c.values()), name) for name, c in candidates.items()), reverse=True)
+    return {"dense_s": dense, "best_s": best, "speedup": dense / best if best else 1.0,
+            "top_layers": [{"layer": n, "speedup": r} for r, n in wins[:5]]}
+
+
 def onnx_timings(variants: dict, batches, repeats, warmup, threads) -> dict:
     """Export every variant, then time them interleaved per batch size, one session each."""
     from sgdet.export import export, load_runner
@@ -80,7 +90,7 @@ def run_setting(arch, ratio, fc, groups, device, batches, repeats, warmup, calib
     calib_batch = max(batches)
     layout = lambda t: t.contiguous(memory_format=memory_format)         # noqa: E731
     # plans are tuned on the batch size they will run at, as a deployment would be
-    fast_models, calib_s, plans, kept = {}, {}, {}, {}
+    fast_models, calib_s, plans, kept, calibration = {}, {}, {}, {}, {}
     for b in batches:
         start = time.perf_counter()
         fast_models[b] = sgdet.deploy(masked.to(device).to(memory_format=memory_format), optimize=True,
@@ -89,6 +99,8 @@ def run_setting(arch, ratio, fc, groups, device, batches, repeats, warmup, calib
         calib_s[b] = time.perf_counter() - start
         plans[b] = {}
         kept[b] = fast_models[b].sgdet_fast_report.get("verified", {}).get("kept")
+        calibration[b] = {name: entry["candidates"] for name, entry in
+                          fast_models[b].sgdet_fast_report["layers"].items()}
         for entry in fast_models[b].sgdet_fast_report["layers"].values():
             plans[b][entry["plan"]] = plans[b].get(entry["plan"], 0) + 1
     fast = fast_models[calib_batch]
@@ -109,7 +121,9 @@ def run_setting(arch, ratio, fc, groups, device, batches, repeats, warmup, calib
               "params_sg": after["params"], "flop_ratio": base["flops"] / after["flops"],
               "fast_flops": sgdet.count_flops(fast, (3, 224, 224)), "fast_params": sgdet.count_params(fast),
               "dropped_channels": report["dropped_channels"], "ungathered_norms": report["ungathered_norms"],
-              "plans": plans, "tuned_kept": kept, "calibration_s": calib_s, "batches": {}}
+              "plans": plans, "tuned_kept": kept, "calibration_s": calib_s,
+              "calibration": calibration, "ceiling": {b: plan_ceiling(c) for b, c in calibration.items()},
+              "batches": {}}
     with torch.inference_mode():
         x = torch.randn(2, 3, 224, 224, device=device)
         ref = masked(layout(x))
@@ -206,6 +220,17 @@ def markdown(payload: dict) -> str:
                              + f"{d / o['fast'][f'batch{b}_ms']:.2f}x | {o['dense']['weights'] / 1e6:.2f}M / "
                              + (f"{exact['weights'] / 1e6:.2f}M" if exact else "-")
                              + f" / {o['fast']['weights'] / 1e6:.2f}M |")
+    ceiling_rows = [r for r in payload["results"] if r.get("ceiling")]
+    if ceiling_rows:
+        lines += ["", "Calibration ceiling (sum of the deployed layers' times when each runs its fastest "
+                  "calibrated plan, over the sum on dense plans; the rest of the network is not in it):", "",
+                  "| Model | Batch | layers on dense plans ms | each layer's best plan ms | ceiling | best layers |",
+                  "|---|---|---|---|---|---|"]
+        for r in ceiling_rows:
+            for b, c in r["ceiling"].items():
+                top = ", ".join(f"{t['layer']} {t['speedup']:.2f}x" for t in c["top_layers"][:3])
+                lines.append(f"| {r['arch']} Conv-{round(100 * r['conv_ratio'])} | {b} | {1e3 * c['dense_s']:.1f} | "
+                             f"{1e3 * c['best_s']:.1f} | {c['speedup']:.2f}x | {top} |")
     layer_rows = [r for r in payload["results"] if r.get("layers")]
     if layer_rows:
         lines += ["", "Per layer (fast layer vs the dense layer it replaces, on its real input, largest batch):", "",

@@ -440,8 +440,9 @@ def optimize(model: nn.Module, example_input: torch.Tensor | None = None, repeat
     channels_last input to tune a model that will run channels_last) or, without one, taken
     from a cost model. Another form replaces the dense one only when faster by ``margin``.
     With ``verify`` and an example, the tuned model is finally timed whole against the same
-    model with every layer on its dense plan, and falls back to that when it is not faster by
-    ``margin``: layers tuned one by one can still lose together (caches, layouts).
+    model with every layer on its dense plan and every gathered BN un-gathered (the dense
+    model's computation), and falls back to that when it is not faster by ``margin``: layers
+    tuned one by one can still lose together (caches, layouts).
     Returns a report {"layers": {layer: {"plan": label, "candidates": {...}}}, ...}."""
     if any(type(m).__name__ in ("SGConv2d", "SGLinear") for m in model.modules()):
         raise ConfigError("optimize() takes a deployed model; call sgdet.deploy(model, optimize=True)")
@@ -456,9 +457,13 @@ def optimize(model: nn.Module, example_input: torch.Tensor | None = None, repeat
         fold_permutation(p, bn, c)
         if dead_channels:
             report["dropped_channels"] += drop_dead_channels(model, *names)
-    fallback = None
+    fallback, fallback_ungathered = None, 0
     if verify and example_input is not None and (plans or ungather) and len(model._modules):
+        # the fallback computes what the dense model does: full-width BNs, dense kernels
         fallback = copy.deepcopy(model)
+        for bn_name, conv_name in gathered_bn_pairs(fallback):
+            ungather_batchnorm(fallback, bn_name, conv_name)
+            fallback_ungathered += 1
         for layer in fallback.modules():
             if isinstance(layer, _DEPLOYED) and len(layer.weights):
                 _set_plan(layer, dense_plan(layer))
@@ -485,17 +490,20 @@ def optimize(model: nn.Module, example_input: torch.Tensor | None = None, repeat
                 ungather_batchnorm(model, bn_name, conv_name)
                 report["ungathered_norms"] += 1
     if fallback is not None:
-        report["verified"] = _keep_if_faster(model, fallback, example_input, repeats, margin, report)
+        report["verified"] = _keep_if_faster(model, fallback, example_input, repeats, margin, report,
+                                             fallback_ungathered)
     model.train(was_training)
     return report
 
 
 def _keep_if_faster(model: nn.Module, fallback: nn.Module, x: torch.Tensor, repeats: int,
-                    margin: float, report: dict) -> dict:
-    """Time the tuned model against its all-dense-plan copy; swap the copy's modules into
-    ``model`` (in place, so callers' references stay valid) unless tuning won by ``margin``."""
+                    margin: float, report: dict, fallback_ungathered: int = 0) -> dict:
+    """Time the tuned model against its copy on dense plans with un-gathered BNs; swap the
+    copy's modules into ``model`` (in place, so callers' references stay valid) unless tuning
+    won by ``margin``."""
+    # more rounds than a layer gets: one wrong verdict here costs the whole network
     seconds = time_interleaved({"tuned": lambda: model(x), "dense": lambda: fallback(x)},
-                               repeats=repeats, warmup=2, device=x.device)
+                               repeats=max(2 * repeats, 10), warmup=2, device=x.device)
     kept = seconds["tuned"] < (1.0 - margin) * seconds["dense"]
     if not kept:
         for name, child in fallback.named_children():
@@ -503,5 +511,5 @@ def _keep_if_faster(model: nn.Module, fallback: nn.Module, x: torch.Tensor, repe
         for name, layer in model.named_modules():
             if name in report["layers"]:
                 report["layers"][name]["plan"] = plan_label(layer.plan)
-        report["ungathered_norms"] = 0
+        report["ungathered_norms"] = fallback_ungathered
     return {"tuned_s": seconds["tuned"], "dense_s": seconds["dense"], "kept": kept}

@@ -292,8 +292,14 @@ def test_tuned_model_falls_back_to_dense_plans_unless_faster_whole(compressed):
     assert report["ungathered_norms"] == 0 and isinstance(tuned.get_submodule(bn), GatheredBatchNorm2d)
     with torch.no_grad():
         assert_same_output(model(x), tuned(x))
-    fast = sgdet.deploy(model, optimize=True, example_input=x, repeats=1)
-    assert set(fast.sgdet_fast_report["verified"]) == {"tuned_s", "dense_s", "kept"}
+    fast = sgdet.deploy(model).eval()
+    assert gathered_bn_pairs(fast)
+    report = optimize(fast, x, repeats=1, margin=0.99)           # the whole-model check must fail
+    assert report["verified"]["kept"] is False and set(report["verified"]) == {"tuned_s", "dense_s", "kept"}
+    # the fallback is the dense model's computation: no gathering BN, every layer on its dense plan
+    assert report["ungathered_norms"] > 0 and not gathered_bn_pairs(fast)
+    assert all(m.plan["mode"] == "dense" for m in fast.modules()
+               if isinstance(m, (DiverseGroupConv2d, DiverseGroupLinear)) and len(m.weights))
     with torch.no_grad():
         assert_same_output(model(x), fast(x))
 
