@@ -32,6 +32,17 @@ def test_deploy_speed_records_every_variant(tmp_path):
     assert result["onnxruntime"]["deployed"]["weights"] < result["onnxruntime"]["dense"]["weights"]
     assert "| resnet18 Conv-60/FC-60 | cpu | channels_last | 1 |" in open(out + ".md").read()
 
+    # --resume keeps the finished setting instead of timing it again ...
+    common = ["--archs", "resnet18", "--ratios", "0.6", "--batches", "1", "--warmup", "0", "--threads", "1",
+              "--out", out, "--resume", "--no-onnx", "--no-layers"]
+    before = open(out + ".json").read()
+    _run("deploy_speed.py", "--repeats", "1", *common)
+    assert open(out + ".json").read() == before         # nothing left to run: nothing rewritten
+    # ... and refuses to mix results of another protocol
+    with pytest.raises(subprocess.CalledProcessError) as failure:
+        _run("deploy_speed.py", "--repeats", "2", *common)
+    assert b"error: --resume" in failure.value.stderr and b"Traceback" not in failure.value.stderr
+
 
 def test_gather_cost_covers_every_shape(tmp_path):
     out = str(tmp_path / "gather")
