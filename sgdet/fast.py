@@ -150,14 +150,25 @@ def drop_outputs(layer: DiverseGroupConv2d | DiverseGroupLinear, keep: torch.Ten
 
 
 @torch.no_grad()
-def drop_dead_channels(model: nn.Module, producer_name: str, bn_name: str, consumer_name: str) -> int:
+def drop_dead_channels(model: nn.Module, producer_name: str, bn_name: str, consumer_name: str,
+                       align: int = 8) -> int:
     """Drop the producer's filters (and BN channels) whose output the consumer never reads.
+    A producer whose filter count is a multiple of ``align`` keeps it one: a few dead filters
+    are kept (computed, never read) rather than leave an odd count, because a 1x1 conv with 127
+    filters ran 11-21 % slower than with 128 on a 2-core CPU (channels_last, batch 8).
     Returns the number of channels dropped."""
     producer, bn = model.get_submodule(producer_name), model.get_submodule(bn_name)
     consumer = model.get_submodule(consumer_name)
     reads = bn.channel_index if _gathers(bn) else consumer.in_index
     used = torch.unique(reads.cpu())
-    dropped = producer.out_features_total - used.numel()
+    total = producer.out_features_total
+    dropped = total - used.numel()
+    if align > 1 and total % align == 0 and dropped % align:
+        unused = torch.ones(total, dtype=torch.bool)
+        unused[used] = False
+        spare = torch.nonzero(unused).flatten()[:dropped % align]
+        used = torch.sort(torch.cat([used, spare])).values
+        dropped = total - used.numel()
     if dropped == 0:
         return 0
     remap = torch.full((producer.out_features_total,), -1, dtype=torch.long)
@@ -433,7 +444,7 @@ def _ungather_pays(bn, conv, x: torch.Tensor | None, repeats: int, margin: float
 @torch.no_grad()
 def optimize(model: nn.Module, example_input: torch.Tensor | None = None, repeats: int = 5,
              dead_channels: bool = True, plans: bool = True, ungather: bool = True,
-             margin: float = 0.05, verify: bool = True) -> dict:
+             margin: float = 0.05, verify: bool = True, align: int = 8) -> dict:
     """Make a deployed model fast, in place: fold permutations, drop dead channels, give every
     deployed layer its fastest exact plan, and un-gather BNs where that pays. Decisions are
     timed on ``example_input`` (on the device, and in the memory format, it comes in: pass a
@@ -442,7 +453,8 @@ def optimize(model: nn.Module, example_input: torch.Tensor | None = None, repeat
     With ``verify`` and an example, the tuned model is finally timed whole against the same
     model with every layer on its dense plan and every gathered BN un-gathered (the dense
     model's computation), and falls back to that when it is not faster by ``margin``: layers
-    tuned one by one can still lose together (caches, layouts).
+    tuned one by one can still lose together (caches, layouts). The dead-channel pass keeps
+    filter counts that are multiples of ``align`` so (``align=1`` drops every dead filter).
     Returns a report {"layers": {layer: {"plan": label, "candidates": {...}}}, ...}."""
     if any(type(m).__name__ in ("SGConv2d", "SGLinear") for m in model.modules()):
         raise ConfigError("optimize() takes a deployed model; call sgdet.deploy(model, optimize=True)")
@@ -456,7 +468,7 @@ def optimize(model: nn.Module, example_input: torch.Tensor | None = None, repeat
         p, bn, c = (model.get_submodule(n) for n in names)
         fold_permutation(p, bn, c)
         if dead_channels:
-            report["dropped_channels"] += drop_dead_channels(model, *names)
+            report["dropped_channels"] += drop_dead_channels(model, *names, align=align)
     fallback, fallback_ungathered = None, 0
     if verify and example_input is not None and (plans or ungather) and len(model._modules):
         # the fallback computes what the dense model does: full-width BNs, dense kernels

@@ -124,7 +124,7 @@ def test_folding_and_dead_channels_are_exact(name, compressed):
     assert chains
     if name != "densenet":        # its 16-filter conv1s in 16 groups happen to need no reorder
         assert any(deployed.get_submodule(p)._reorder for p, _, _ in chains)
-    report = optimize(deployed, plans=False)
+    report = optimize(deployed, plans=False, align=1)       # every dead filter goes
     assert report["dropped_channels"] > 0
     for producer, bn, consumer in chains:                 # no standalone reorder left in a chain
         assert not deployed.get_submodule(producer)._reorder
@@ -135,6 +135,26 @@ def test_folding_and_dead_channels_are_exact(name, compressed):
     exact = sgdet.count(sgdet.deploy(model), size)
     fast = sgdet.count(deployed, size)
     assert fast["params"] < exact["params"] and fast["flops"] < exact["flops"]
+
+
+@pytest.mark.parametrize("name", ["bottleneck", "basic", "densenet"])
+def test_dead_channel_pass_keeps_aligned_filter_counts(name, compressed):
+    model, size = compressed[name]
+    x = torch.randn(2, *size)
+    counts = {}
+    for align in (1, 8):
+        deployed = sgdet.deploy(model)
+        before = {p: deployed.get_submodule(p).out_features_total for p, _, _ in conv_bn_conv_chains(deployed)}
+        report = optimize(deployed, plans=False, align=align)
+        after = {p: deployed.get_submodule(p).out_features_total for p in before}
+        counts[align] = report["dropped_channels"]
+        assert report["dropped_channels"] == sum(before[p] - after[p] for p in before)
+        if align == 8:       # a multiple of 8 stays one (a 127-filter 1x1 conv runs slower than 128)
+            assert all(after[p] % 8 == 0 for p in before if before[p] % 8 == 0)
+        with torch.no_grad():
+            assert_same_output(model(x), deployed(x))
+    assert counts[1] > counts[8] >= 0
+    assert counts[1] - counts[8] < 8 * len(before)        # at most 7 dead filters kept per producer
 
 
 @pytest.mark.parametrize("name", ["bottleneck", "densenet"])
