@@ -6,8 +6,9 @@ onnxruntime timings of the exported dense, deployed and fast models, and per-lay
 All variants of one setting are timed in the same run, interleaved round by round in a shuffled
 order (warm-up, then the median of the repeats). The exact per-group model is timed in a pass of
 its own against the dense baseline: a call right after it runs ~25 % slower, which biased the
-variant the seeded order put after it most often. The dense baseline is timed in both layouts (NCHW and channels_last)
-and speed-ups are taken over the faster one, so no gain is credited to the layout alone. Weights are random (kaiming init, seeded); compression is one-shot.
+variant the seeded order put after it most often. The dense baseline is timed in both layouts
+(NCHW and channels_last) and speed-ups are taken over the faster one, so no gain is credited to
+the layout alone. Weights are random (kaiming init, seeded); compression is one-shot.
 Writes <out>.json and <out>.md (default benchmarks/results/deploy_speed). Targets (issue 4, CPU,
 batch 8, whole network vs dense): never below 1.0x for a model or a layer; ResNet50 Conv-60/FC-60
 >= 1.3x, Conv-80/FC-60 >= 1.6x."""

@@ -171,7 +171,7 @@ def drop_dead_channels(model: nn.Module, producer_name: str, bn_name: str, consu
         dropped = total - used.numel()
     if dropped == 0:
         return 0
-    remap = torch.full((producer.out_features_total,), -1, dtype=torch.long)
+    remap = torch.full((total,), -1, dtype=torch.long)
     remap[used] = torch.arange(used.numel())
     drop_outputs(producer, used)
     if _gathers(bn):
@@ -453,8 +453,8 @@ def optimize(model: nn.Module, example_input: torch.Tensor | None = None, repeat
     With ``verify`` and an example, the tuned model is finally timed whole against the same
     model with every layer on its dense plan and every gathered BN un-gathered (the dense
     model's computation), and falls back to that when it is not faster by ``margin``: layers
-    tuned one by one can still lose together (caches, layouts). The dead-channel pass keeps
-    filter counts that are multiples of ``align`` so (``align=1`` drops every dead filter).
+    tuned one by one can still lose together (caches, layouts). The dead-channel pass leaves
+    filter counts that are multiples of ``align`` multiples of it (``align=1``: drop every dead filter).
     Returns a report {"layers": {layer: {"plan": label, "candidates": {...}}}, ...}."""
     if any(type(m).__name__ in ("SGConv2d", "SGLinear") for m in model.modules()):
         raise ConfigError("optimize() takes a deployed model; call sgdet.deploy(model, optimize=True)")
