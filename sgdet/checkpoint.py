@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import os
 import pickle
-import tempfile
 import zipfile
 from typing import Any
 
@@ -19,6 +18,7 @@ from torch import nn
 
 from .deploy import DiverseGroupConv2d, DiverseGroupLinear, GatheredBatchNorm2d
 from .errors import CheckpointError, ConfigError
+from .files import torch_save
 from .layers import SGConv2d, SGLinear, is_sg_layer
 from .models import arch_of, build
 
@@ -66,24 +66,6 @@ def form_of(model: nn.Module) -> str:
     return "masked" if kinds & {SGConv2d, SGLinear} else "dense"
 
 
-def atomic_torch_save(obj: Any, path: str | os.PathLike) -> None:
-    """torch.save to a temporary file beside ``path``, then rename it into place."""
-    path = os.fspath(path)
-    folder = os.path.dirname(os.path.abspath(path))
-    os.makedirs(folder, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=".tmp-", suffix=".pt", dir=folder)
-    try:
-        with os.fdopen(fd, "wb") as handle:
-            torch.save(obj, handle)
-            handle.flush()
-            os.fsync(handle.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
-
-
 def plain(value: Any, where: str = "meta") -> Any:
     """``value`` as the plain types torch.load(weights_only=True) accepts: numpy scalars become
     Python numbers, paths strings, tuples lists; anything else is a ConfigError."""
@@ -103,8 +85,11 @@ def plain(value: Any, where: str = "meta") -> Any:
     raise ConfigError(f"{where} holds a {type(value).__name__}, which a checkpoint cannot store")
 
 
-def save(model: nn.Module, path: str | os.PathLike, meta: dict | None = None) -> None:
-    """Write ``model`` (dense, masked or deployed) as an sgdet checkpoint."""
+def save(model: nn.Module, path: str | os.PathLike, meta: dict | None = None,
+         extra: dict | None = None) -> None:
+    """Write ``model`` (dense, masked or deployed) as an sgdet checkpoint. ``extra``: further
+    top-level entries of plain types and tensors (the Trainer's ``train_state``), kept by
+    ``read`` and ignored by ``load``."""
     if os.path.isdir(path):
         raise ConfigError(f"cannot write checkpoint {os.fspath(path)}: it is a directory")
     payload = {
@@ -113,7 +98,28 @@ def save(model: nn.Module, path: str | os.PathLike, meta: dict | None = None) ->
         "state_dict": {k: v.detach().cpu() for k, v in model.state_dict().items()},
         "meta": plain(dict(meta or getattr(model, "sgdet_meta", None) or {})),
     }
-    atomic_torch_save(payload, path)
+    for key, value in (extra or {}).items():
+        if key in payload:
+            raise ConfigError(f"checkpoint entry {key!r} is reserved")
+        payload[key] = value
+    torch_save(payload, path)
+
+
+def peek(path: str | os.PathLike) -> dict | None:
+    """The header of an sgdet checkpoint (``arch``, ``form``, ``meta``, ...: everything but the
+    tensors), or None when ``path`` is no readable sgdet checkpoint. Never raises, never
+    unpickles; for telling a checkpoint from a plain state dict before loading either."""
+    try:
+        blob = torch.load(os.fspath(path), map_location="cpu", weights_only=True, mmap=True)
+    except Exception:
+        return None
+    if not isinstance(blob, dict) or blob.get("format") != FORMAT:
+        return None
+    return {k: v for k, v in blob.items() if k not in ("state_dict", "train_state")}
+
+
+def is_checkpoint(path: str | os.PathLike) -> bool:
+    return peek(path) is not None
 
 
 def read(path: str | os.PathLike) -> dict:
@@ -140,11 +146,6 @@ def read(path: str | os.PathLike) -> dict:
         if not isinstance(payload.get(key), dict):
             raise CheckpointError(f"{path} is damaged: '{key}' is missing")
     return payload
-
-
-def _set(model: nn.Module, name: str, new: nn.Module) -> None:
-    parent_name, _, child = name.rpartition(".")
-    setattr(model.get_submodule(parent_name) if parent_name else model, child, new)
 
 
 def _rebuild_module(name: str, entry: dict, current: nn.Module | None) -> nn.Module:
@@ -176,7 +177,7 @@ def load(path: str | os.PathLike, model: nn.Module | None = None,
                 current = model.get_submodule(name)
             except AttributeError:
                 raise CheckpointError(f"{path} has a layer {name!r} that the model lacks") from None
-            _set(model, name, _rebuild_module(name, entry, current))
+            model.set_submodule(name, _rebuild_module(name, entry, current))
         model.load_state_dict(payload["state_dict"], strict=True)
     except CheckpointError:
         raise

@@ -1,21 +1,20 @@
-"""The self-grouping schedule (Algorithm 1): choose the compressible layers, swap in masked SG
-layers, then repeat importance -> k-means -> centroid pruning with step s until the conv and FC
-targets are reached, calling an optional local fine-tuning hook after each step."""
+"""Compression, the library's entry to Algorithm 1: choose the compressible layers, swap in masked
+SG layers, then run the one schedule (``sgdet.schedule``: importance -> k-means -> centroid
+pruning with step s until the conv and FC targets are reached), calling an optional local
+fine-tuning hook after each step."""
 from __future__ import annotations
 
 import fnmatch
 import logging
 import math
 import numbers
-from dataclasses import asdict, dataclass, field
 from typing import Callable, Iterable, Sequence
 
-import torch
 from torch import nn
 
-from .errors import ConfigError, NumericalError
-from .grouping import centroid_prune, group_filters, importance_vectors
+from .errors import ConfigError
 from .layers import SGConv2d, SGLinear, is_sg_layer
+from .schedule import Schedule, StepRecord, prune_step
 
 log = logging.getLogger("sgdet")
 
@@ -27,12 +26,6 @@ FinetuneHook = Callable[[nn.Module, int], None]
 
 def _matches(name: str, patterns: Iterable[str]) -> bool:
     return any(fnmatch.fnmatchcase(name, p) for p in patterns)
-
-
-def _replace_module(model: nn.Module, name: str, new: nn.Module) -> None:
-    parent_name, _, child = name.rpartition(".")
-    parent = model.get_submodule(parent_name) if parent_name else model
-    setattr(parent, child, new)
 
 
 def compressible_layers(model: nn.Module, include: Sequence[str] = (),
@@ -72,28 +65,13 @@ def convert(model: nn.Module, include: Sequence[str] = (), exclude: Sequence[str
     for name, module in compressible_layers(model, include, exclude):
         if not is_sg_layer(module):
             module = (SGConv2d if isinstance(module, nn.Conv2d) else SGLinear).from_dense(module)
-            _replace_module(model, name, module)
+            model.set_submodule(name, module)
         layers[name] = module
     return layers
 
 
 def sg_layers(model: nn.Module) -> dict[str, nn.Module]:
     return {name: m for name, m in model.named_modules() if is_sg_layer(m)}
-
-
-@dataclass
-class StepRecord:
-    """What one pruning step of Algorithm 1 achieved."""
-    step: int
-    conv_target: float
-    fc_target: float
-    conv_pruned: float        # pruned fraction of all SG conv connections (Eq. 14 over convs)
-    fc_pruned: float          # the same over SG linear layers
-    network_pruned: float     # Eq. 14 over every SG layer
-    layers: dict = field(default_factory=dict)   # name -> {"groups", "pruned"}
-
-    def to_dict(self) -> dict:
-        return asdict(self)
 
 
 def _is_real(value) -> bool:
@@ -120,38 +98,6 @@ def validate_arguments(conv_ratio: float, fc_ratio: float, groups: int, step: fl
         raise ConfigError(f"n_init must be an integer >= 1, got {n_init!r}")
 
 
-def _connection_fraction(layers: Iterable[nn.Module]) -> float:
-    layers = list(layers)
-    total = sum(m.mask.numel() for m in layers)
-    if total == 0:
-        return 0.0
-    return 1.0 - sum(int(m.mask.sum()) for m in layers) / total
-
-
-@torch.no_grad()
-def prune_step(layers: dict[str, nn.Module], conv_target: float, fc_target: float, groups: int,
-               seed: int = 0, n_init: int = 1, warned: set[str] | None = None) -> dict:
-    """One pass of lines 3-10 of Algorithm 1 over ``layers``: regroup each layer on its current
-    masked weights and prune it to its target fraction. Returns per-layer summaries.
-    ``warned`` collects layers already reported as narrower than ``groups`` (say it once)."""
-    warned = set() if warned is None else warned
-    summary = {}
-    for name, layer in layers.items():
-        if not torch.isfinite(layer.weight).all():
-            raise NumericalError(f"layer {name!r} has NaN or inf weights; cannot group it")
-        c_out = layer.mask.shape[0]
-        if c_out < groups and name not in warned:
-            warned.add(name)
-            log.warning("sgdet: layer %s has %d filters < groups=%d; using %d groups",
-                        name, c_out, groups, c_out)
-        grouping = group_filters(importance_vectors(layer.weight, layer.mask), groups, seed, n_init)
-        target = conv_target if isinstance(layer, SGConv2d) else fc_target
-        keep = centroid_prune(grouping.centroids, grouping.sizes, target)
-        layer.set_structure(grouping.labels, keep)
-        summary[name] = {"groups": int(grouping.centroids.shape[0]), "pruned": layer.pruned_fraction()}
-    return summary
-
-
 def compress(model: nn.Module, conv_ratio: float, fc_ratio: float, groups: int = 16,
              step: float | None = 0.1, seed: int = 0, finetune: FinetuneHook | None = None,
              include: Sequence[str] = (), exclude: Sequence[str] | None = None,
@@ -168,27 +114,17 @@ def compress(model: nn.Module, conv_ratio: float, fc_ratio: float, groups: int =
     layers = convert(model, include, exclude)
     if not layers:
         raise ConfigError("the model has no compressible Conv2d/Linear layers")
-    goal = max(conv_ratio, fc_ratio)
-    step = goal if step is None or step >= goal else step
-    n_steps = max(1, math.ceil(goal / step - 1e-9)) if goal > 0 else 1
-    convs = [m for m in layers.values() if isinstance(m, SGConv2d)]
-    fcs = [m for m in layers.values() if isinstance(m, SGLinear)]
-    steps = range(1, n_steps + 1)
+    schedule = Schedule(conv_ratio, fc_ratio, step)
+    steps = iter(schedule)
     if progress:
         from tqdm.auto import tqdm
-        steps = tqdm(steps, desc="self-grouping", unit="step")
+        steps = tqdm(steps, total=len(schedule), desc="self-grouping", unit="step")
     records, warned = [], set()
-    for t in steps:
-        conv_target = min(round(t * step, 10), conv_ratio)
-        fc_target = min(round(t * step, 10), fc_ratio)
+    for t, conv_target, fc_target in steps:
         summary = prune_step(layers, conv_target, fc_target, groups, seed, n_init, warned)
         if finetune is not None:
             finetune(model, t)
             for layer in layers.values():   # an optimiser must not revive pruned weights
                 layer.zero_pruned_()
-        records.append(StepRecord(step=t, conv_target=conv_target, fc_target=fc_target,
-                                  conv_pruned=_connection_fraction(convs),
-                                  fc_pruned=_connection_fraction(fcs),
-                                  network_pruned=_connection_fraction(layers.values()),
-                                  layers=summary))
+        records.append(StepRecord.measure(t, conv_target, fc_target, layers, summary))
     return records

@@ -10,6 +10,7 @@ import yaml
 from fvcore.common.config import CfgNode
 
 from .errors import ConfigError
+from .files import write_text
 
 __all__ = ["CfgNode", "load_config", "save_config"]
 
@@ -50,10 +51,4 @@ def _explain(exc: Exception) -> str:
 
 def save_config(cfg: CfgNode, folder: str, name: str = "config.yaml") -> str:
     """Write the merged config as YAML into ``folder`` (temporary file, then rename)."""
-    os.makedirs(folder, exist_ok=True)
-    path = os.path.join(folder, name)
-    tmp = path + ".tmp"
-    with open(tmp, "w") as handle:
-        handle.write(cfg.dump())
-    os.replace(tmp, path)
-    return path
+    return write_text(os.path.join(folder, name), cfg.dump())

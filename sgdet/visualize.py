@@ -3,13 +3,13 @@ matrix with filters sorted by group (the diverse sparse pattern), and the deploy
 matrix over the gathered input channels. matplotlib is imported only when a plot is drawn."""
 from __future__ import annotations
 
-import os
 from typing import Sequence
 
 import torch
 from torch import nn
 
 from .layers import is_sg_layer
+from .files import atomic_open
 
 
 def group_structure_matrices(layer: nn.Module) -> tuple[torch.Tensor, torch.Tensor, list[int]]:
@@ -73,10 +73,9 @@ def save_figure(fig, path: str, dpi: int = 110) -> str:
     every plot of the suite goes through here."""
     import matplotlib.pyplot as plt
     fig.tight_layout()
-    folder = os.path.dirname(os.path.abspath(path))
-    os.makedirs(folder, exist_ok=True)
-    tmp = os.path.join(folder, ".tmp-" + os.path.basename(path))
-    fig.savefig(tmp, dpi=dpi, format="png")
-    plt.close(fig)
-    os.replace(tmp, path)
+    try:
+        with atomic_open(path, "wb") as handle:
+            fig.savefig(handle, dpi=dpi, format="png")
+    finally:
+        plt.close(fig)
     return path
