@@ -27,7 +27,10 @@ import time
 import torch
 
 import sgdet
-from sgdet.fast import capture_inputs, time_interleaved
+from sgdet.deploy.optimize import capture_inputs
+from sgdet.deploy.plans import plan_label
+from sgdet.deploy.timing import time_interleaved
+from sgdet.files import write_text
 
 TARGETS = {("resnet50", 0.6): 1.3, ("resnet50", 0.8): 1.6}
 
@@ -44,7 +47,7 @@ def per_layer(dense, fast, x, repeats, device) -> list[dict]:
             original = dense.get_submodule(name)
             t = time_interleaved({"dense": lambda: original(dense_in[name]),
                                   "fast": lambda: layer(fast_in[name])}, repeats, 2, device)
-            rows.append({"layer": name, "plan": sgdet.fast.plan_label(layer.plan),
+            rows.append({"layer": name, "plan": plan_label(layer.plan),
                          "dense_ms": 1e3 * t["dense"], "fast_ms": 1e3 * t["fast"],
                          "speedup": t["dense"] / t["fast"]})
     return rows
@@ -62,7 +65,7 @@ def plan_ceiling(candidates: dict) -> dict:
 
 def onnx_timings(variants: dict, batches, repeats, warmup, threads) -> dict:
     """Export every variant, then time them interleaved per batch size, one session each."""
-    from sgdet.export import export, load_runner
+    from sgdet.deploy.export import export, load_runner
     out = {}
     with tempfile.TemporaryDirectory() as folder:
         runners = {}
@@ -263,13 +266,6 @@ def markdown(payload: dict) -> str:
     return "\n".join(lines) + "\n"
 
 
-def write_atomic(path: str, text: str) -> None:
-    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-    with open(path + ".tmp", "w") as handle:
-        handle.write(text)
-    os.replace(path + ".tmp", path)
-
-
 def resumed_run(path: str, repeats: int, warmup: int, threads: int) -> dict:
     """The finished settings of an earlier run of the same protocol, to continue it."""
     if not os.path.exists(path):
@@ -337,8 +333,8 @@ def main(argv=None) -> None:
                                            else torch.contiguous_format,
                                            not args.no_exact))
                 # write as we go: a run cut short still leaves every finished setting behind
-                write_atomic(args.out + ".json", json.dumps(payload, indent=1))
-                write_atomic(args.out + ".md", markdown(payload))
+                write_text(args.out + ".json", json.dumps(payload, indent=1))
+                write_text(args.out + ".md", markdown(payload))
     print(markdown(payload))
 
 

@@ -18,10 +18,11 @@ import torch
 import torch.nn.functional as F
 
 sys.path.insert(0, os.path.dirname(__file__))
-from deploy_speed import machine_info, write_atomic          # noqa: E402
+from deploy_speed import machine_info          # noqa: E402
+from sgdet.files import write_text               # noqa: E402
 
-from sgdet.deploy import select_channels                     # noqa: E402
-from sgdet.fast import time_interleaved                      # noqa: E402
+from sgdet.deploy.modules import select_channels             # noqa: E402
+from sgdet.deploy.timing import time_interleaved             # noqa: E402
 
 # (name, in channels, out channels, kernel, spatial size): one of each conv kind per stage
 SHAPES = [("layer1 conv1", 256, 64, 1, 56), ("layer1 conv2", 64, 64, 3, 56), ("layer1 conv3", 64, 256, 1, 56),
@@ -85,8 +86,8 @@ def main(argv=None) -> None:
                      f"{d:.2f} | {r['gathered_channels']} | {r['gather_ms'] / d:.2f}x | {r['convs_ms'] / d:.2f}x | "
                      f"{r['both_ms'] / d:.2f}x | {r['flop_ratio']:.2f}x fewer |")
     text = "\n".join(lines) + "\n"
-    write_atomic(args.out + ".json", json.dumps(payload, indent=1))
-    write_atomic(args.out + ".md", text)
+    write_text(args.out + ".json", json.dumps(payload, indent=1))
+    write_text(args.out + ".md", text)
     print(text)
 
 

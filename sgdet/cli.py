@@ -86,7 +86,7 @@ def cmd_export(args: argparse.Namespace) -> None:
     from . import deploy, load, models
     from .checkpoint import form_of
     from .counting import count_params
-    from .export import FORMATS, export
+    from .deploy.export import FORMATS, export
     if args.format not in FORMATS:     # argparse choices would print a usage block, not one line
         raise ConfigError(f"unknown --format {args.format!r}; choose from: {', '.join(FORMATS)}")
     if os.path.isdir(args.out):
@@ -94,7 +94,7 @@ def cmd_export(args: argparse.Namespace) -> None:
     if args.batch < 1:
         raise ConfigError(f"--batch must be >= 1, got {args.batch}")
     if args.format == "onnx":
-        from .export import _require_onnx
+        from .deploy.export import _require_onnx
         _require_onnx()                # say so before spending time on loading and deploying
     arch = (read(args.file).get("arch") or {}).get("name")
     model = load(args.file)
@@ -107,7 +107,7 @@ def cmd_export(args: argparse.Namespace) -> None:
     torch.manual_seed(0)
     example = torch.randn(args.batch, *size)
     if args.optimize:
-        from .fast import optimize
+        from .deploy.optimize import optimize
         optimize(model, example if args.calibrate else None)
     info = export(model, args.out, args.format, example, opset=args.opset)
     info["deployed_params"] = count_params(model)

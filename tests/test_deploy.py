@@ -1,7 +1,6 @@
 """Tests exact deployment (sgdet.deploy) of masked models into diverse group convolutions."""
 from __future__ import annotations
 
-import copy
 
 import pytest
 import torch

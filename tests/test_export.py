@@ -1,4 +1,4 @@
-"""Tests the export stage: `sgdet export` / sgdet.export.export to TorchScript and ONNX (run in
+"""Tests the export stage: `sgdet export` / sgdet.deploy.export.export to TorchScript and ONNX (run in
 onnxruntime), the exported parameter count, and the one-line errors of the export verb."""
 from __future__ import annotations
 
@@ -10,7 +10,7 @@ import torch
 
 import sgdet
 from sgdet.cli import main
-from sgdet.export import export, onnx_weight_count
+from sgdet.deploy.export import export, onnx_weight_count
 
 from conftest import assert_same_output, make_resnet18, randomize_bn
 

@@ -1,17 +1,18 @@
-"""Tests the fast deployment stage (sgdet.fast): every execution plan is exact on random layer
-shapes, permutations are folded, dead channels are dropped, and the fast model round-trips."""
+"""Tests the fast deployment stage (sgdet.deploy.optimize, plans, patterns): every execution
+plan is exact on random layer shapes, permutations are folded, dead channels are dropped, and the
+fast model round-trips."""
 from __future__ import annotations
 
 import pytest
 import torch
 import torchvision
-from torch import nn
 from torch.utils.flop_counter import FlopCounterMode
 
 import sgdet
 from sgdet import DiverseGroupConv2d, DiverseGroupLinear, GatheredBatchNorm2d
-from sgdet.fast import (_set_plan, candidate_plans, choose_plan, conv_bn_conv_chains, gathered_bn_pairs,
-                        merge_groups, optimize, plan_label, ungather_batchnorm)
+from sgdet.deploy.optimize import _keep_if_faster, optimize, ungather_batchnorm
+from sgdet.deploy.patterns import conv_bn_conv_chains, gathered_bn_pairs
+from sgdet.deploy.plans import candidate_plans, choose_plan, dense_plan, loop_plan, merge_groups, plan_label
 
 from conftest import assert_same_output, make_densenet, make_resnet18, randomize_bn
 
@@ -51,7 +52,7 @@ def test_every_conv_plan_is_exact(shape):
         ref = sg(x)
         labels = set()
         for plan in candidate_plans(dg):
-            _set_plan(dg, plan)
+            dg.set_plan(plan)
             labels.add(plan_label(plan).split("-")[0])
             out = dg(x)
             assert_same_output(ref, out)
@@ -69,7 +70,7 @@ def test_every_linear_plan_is_exact():
     with torch.no_grad():
         ref = sg(x)
         for plan in candidate_plans(dg):
-            _set_plan(dg, plan)
+            dg.set_plan(plan)
             assert_same_output(ref, dg(x))
 
 
@@ -84,7 +85,7 @@ def test_plan_is_trainable_and_resyncs_after_an_update():
     sg = _structured(sgdet.SGConv2d(8, 12, 3, padding=1), 4, 7)
     dg = DiverseGroupConv2d.from_sg(sg)
     groups = list(range(len(dg.group_out)))
-    _set_plan(dg, {"mode": "loop", "buckets": [groups[:2], groups[2:]]})
+    dg.set_plan(loop_plan([groups[:2], groups[2:]]))
     x = torch.randn(2, 8, 6, 6)
     dg.train()
     dg(x).sum().backward()                                # training runs the exact per-group form
@@ -123,11 +124,11 @@ def test_folding_and_dead_channels_are_exact(name, compressed):
     chains = conv_bn_conv_chains(deployed)
     assert chains
     if name != "densenet":        # its 16-filter conv1s in 16 groups happen to need no reorder
-        assert any(deployed.get_submodule(p)._reorder for p, _, _ in chains)
+        assert any(deployed.get_submodule(p).reorders_output for p, _, _ in chains)
     report = optimize(deployed, plans=False, align=1)       # every dead filter goes
     assert report["dropped_channels"] > 0
     for producer, bn, consumer in chains:                 # no standalone reorder left in a chain
-        assert not deployed.get_submodule(producer)._reorder
+        assert not deployed.get_submodule(producer).reorders_output
         if name == "densenet":
             assert isinstance(deployed.get_submodule(bn), GatheredBatchNorm2d)
     with torch.no_grad():
@@ -170,8 +171,8 @@ def test_optimized_model_is_exact_and_round_trips(name, compressed, tmp_path):
         # loop and dense plans inside a chain emit their channels in the consumer's order
         for producer, _, _ in conv_bn_conv_chains(fast):
             layer = fast.get_submodule(producer)
-            if layer.plan is not None and layer.plan["mode"] != "grouped":
-                assert layer._exec_out_name is None, producer
+            if layer.plan is not None and not plan_label(layer.plan).startswith("grouped"):
+                assert not layer.plan_reorders_output, producer
     path = tmp_path / "fast.sg.pt"
     sgdet.save(fast, path)
     skeleton = _bottleneck_resnet() if name == "bottleneck" else make_densenet()
@@ -219,8 +220,7 @@ def test_ungathering_every_batchnorm_is_exact_and_round_trips(compressed, tmp_pa
     assert gathered_bn_pairs(fast) == []
     for layer in fast.modules():                     # then plans on top of the wider inputs
         if isinstance(layer, DiverseGroupConv2d):
-            layer.plan = {"mode": "loop", "buckets": [list(range(len(layer.weights)))]}
-            layer.refresh()
+            layer.set_plan(loop_plan([list(range(len(layer.weights)))]))
     with torch.no_grad():
         ref = model(x)
         assert_same_output(ref, fast(x))
@@ -237,7 +237,7 @@ def test_plan_choice_keeps_dense_unless_clearly_faster(compressed):
     layer = deployed.get_submodule("layer2.0.conv2")
     x = torch.randn(2, layer.in_channels, 8, 8)
     results = choose_plan(layer, x, repeats=1, margin=0.99)     # nothing is 100x faster than dense
-    assert set(results) >= {"dense", "per-group"} and layer.plan["mode"] == "dense"
+    assert set(results) >= {"dense", "per-group"} and plan_label(layer.plan) == "dense"
     with pytest.raises(sgdet.ConfigError):
         optimize(deployed, margin=1.5)
 
@@ -248,7 +248,7 @@ def test_channels_last_example_tunes_a_channels_last_model(compressed):
     fast = sgdet.deploy(model, optimize=True, example_input=x, repeats=1)
     conv = fast.get_submodule("layer1.0.conv2")                   # a 3x3 conv
     assert conv.weights[0].is_contiguous(memory_format=torch.channels_last)
-    for _, weight, _, _, _ in conv._exec_tensors:
+    for weight in conv.plan_weights:
         assert weight.is_contiguous(memory_format=torch.channels_last)
     with torch.no_grad():
         assert_same_output(model(x.contiguous()), fast(x))
@@ -256,7 +256,7 @@ def test_channels_last_example_tunes_a_channels_last_model(compressed):
 
 
 def test_gathers_keep_a_channels_last_map_channels_last(compressed):
-    from sgdet.deploy import select_channels
+    from sgdet.deploy.modules import select_channels
     x = torch.randn(2, 6, 3, 3).contiguous(memory_format=torch.channels_last)
     index = torch.tensor([5, 0, 0, 2])
     y = select_channels(x, 1, index)
@@ -275,7 +275,7 @@ def test_gathers_keep_a_channels_last_map_channels_last(compressed):
 
 
 def test_interleaved_timing_shuffles_the_order_of_every_round():
-    from sgdet.fast import time_interleaved
+    from sgdet.deploy.timing import time_interleaved
     calls = []
     seconds = time_interleaved({n: (lambda n=n: calls.append(n)) for n in "abcd"}, repeats=8, warmup=0)
     rounds = ["".join(calls[i:i + 4]) for i in range(0, 32, 4)]
@@ -289,18 +289,17 @@ def test_interleaved_timing_shuffles_the_order_of_every_round():
 
 
 def test_tuned_model_falls_back_to_dense_plans_unless_faster_whole(compressed):
-    from sgdet.fast import _keep_if_faster, dense_plan
     model, size = compressed["densenet"]
     x = torch.randn(2, *size)
     tuned = sgdet.deploy(model).eval()
     fallback = sgdet.deploy(model).eval()
     for layer in fallback.modules():
         if isinstance(layer, (DiverseGroupConv2d, DiverseGroupLinear)) and len(layer.weights):
-            _set_plan(layer, dense_plan(layer))
+            layer.set_plan(dense_plan(layer))
     report = {"layers": {}, "ungathered_norms": 0}
     for name, layer in tuned.named_modules():
         if isinstance(layer, (DiverseGroupConv2d, DiverseGroupLinear)) and len(layer.weights):
-            _set_plan(layer, candidate_plans(layer)[-1])                 # a merged, non-dense plan
+            layer.set_plan(candidate_plans(layer)[-1])                 # a merged, non-dense plan
             report["layers"][name] = {"plan": plan_label(layer.plan)}
     bn, conv = gathered_bn_pairs(tuned)[0]
     ungather_batchnorm(tuned, bn, conv)
@@ -318,20 +317,19 @@ def test_tuned_model_falls_back_to_dense_plans_unless_faster_whole(compressed):
     assert report["verified"]["kept"] is False and set(report["verified"]) == {"tuned_s", "dense_s", "kept"}
     # the fallback is the dense model's computation: no gathering BN, every layer on its dense plan
     assert report["ungathered_norms"] > 0 and not gathered_bn_pairs(fast)
-    assert all(m.plan["mode"] == "dense" for m in fast.modules()
+    assert all(plan_label(m.plan) == "dense" for m in fast.modules()
                if isinstance(m, (DiverseGroupConv2d, DiverseGroupLinear)) and len(m.weights))
     with torch.no_grad():
         assert_same_output(model(x), fast(x))
 
 
 def test_deploying_a_channels_last_model_keeps_its_weights_channels_last(compressed):
-    from sgdet.fast import dense_plan
     model, size = compressed["bottleneck"]
     deployed = sgdet.deploy(copy_channels_last(model)).eval()
     conv = deployed.get_submodule("layer1.0.conv2")                   # a 3x3 conv, no optimize()
     assert all(w.is_contiguous(memory_format=torch.channels_last) for w in conv.weights)
-    _set_plan(conv, dense_plan(conv))          # else each call would convert the weight again
-    assert conv._exec_tensors[0][1].is_contiguous(memory_format=torch.channels_last)
+    conv.set_plan(dense_plan(conv))          # else each call would convert the weight again
+    assert conv.plan_weights[0].is_contiguous(memory_format=torch.channels_last)
     x = torch.randn(2, *size).contiguous(memory_format=torch.channels_last)
     with torch.no_grad():
         assert_same_output(model(x.contiguous()), deployed(x))
@@ -340,3 +338,64 @@ def test_deploying_a_channels_last_model_keeps_its_weights_channels_last(compres
 def copy_channels_last(model):
     import copy
     return copy.deepcopy(model).to(memory_format=torch.channels_last)
+
+
+REGISTER_FIRST = r"""
+import sys
+import torch
+from torch import nn
+from torchvision.models.resnet import BasicBlock
+sys.path.insert(0, {tests!r})
+import sgdet
+from sgdet.deploy import register_conv_bn_conv
+from conftest import make_resnet18, randomize_bn
+
+
+class MyBlock(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.a, self.bn, self.b = nn.Conv2d(4, 4, 1), nn.BatchNorm2d(4), nn.Conv2d(4, 4, 1)
+
+    def forward(self, x):
+        return self.b(self.bn(self.a(x)).relu())
+
+
+register_conv_bn_conv(MyBlock, [("a", "bn", "b")])      # before any optimize() ran
+model = randomize_bn(make_resnet18())
+sgdet.compress(model, conv_ratio=0.9, fc_ratio=0.6, groups=16, step=None)
+model.eval()
+conv1s = [n + ".conv1" for n, m in model.named_modules() if isinstance(m, BasicBlock)]
+exact = sgdet.deploy(model)
+assert any(exact.get_submodule(n).reorders_output for n in conv1s), "nothing to fold: proves nothing"
+fast = sgdet.deploy(model, optimize=True)
+unfolded = [n for n in conv1s if fast.get_submodule(n).reorders_output]
+assert not unfolded, f"built-in BasicBlock chains lost: {{unfolded}}"
+x = torch.randn(2, 3, 32, 32)
+with torch.no_grad():
+    assert torch.allclose(model(x), fast(x), rtol=1e-4, atol=1e-4)
+"""
+
+
+def test_registering_a_chain_first_keeps_the_builtin_chains():
+    """A user's register_conv_bn_conv before the first optimize() must add to the torchvision
+    chains, not replace them (a fresh process: the registries are process-wide)."""
+    import os
+    import subprocess
+    import sys
+    tests = os.path.dirname(os.path.abspath(__file__))
+    run = subprocess.run([sys.executable, "-c", REGISTER_FIRST.format(tests=tests)], capture_output=True,
+                         text=True, timeout=600, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert run.returncode == 0, run.stderr[-2000:]
+
+
+def test_old_module_names_still_work():
+    """sgdet.fast (the README's name) re-exports the fast stage's public names."""
+    import sgdet.fast as fast
+    from sgdet.deploy import optimize as optimize_fn
+    from sgdet.deploy.optimize import capture_inputs
+    from sgdet.deploy.patterns import CONV_BN_CONV_CHAINS, register_conv_bn_conv
+    from sgdet.deploy.timing import time_interleaved
+    assert fast.optimize is optimize is optimize_fn
+    assert fast.register_conv_bn_conv is register_conv_bn_conv
+    assert fast.CONV_BN_CONV_CHAINS is CONV_BN_CONV_CHAINS
+    assert fast.time_interleaved is time_interleaved and fast.capture_inputs is capture_inputs

@@ -1,28 +1,27 @@
-"""Exact deployment (section 3.6, Eq. 17): every masked SG layer becomes a diverse group
-convolution. Filters are permuted so each group is contiguous (Q), the input channels each group
-reads are gathered (P: reused channels duplicated, ignored ones dropped), and each group is a
-dense convolution over its own channels. Outputs equal the masked model's to float32 rounding.
+"""Deployment, exact stage, the modules: the layers a masked SG layer becomes (section 3.6,
+Eq. 17). Filters are permuted so each group is contiguous (Q), the input channels each group reads
+are gathered (P: reused channels duplicated, ignored ones dropped), and each group is a dense
+convolution over its own channels. Outputs equal the masked model's to float32 rounding.
 
-Where a BatchNorm feeds an SG convolution directly (DenseNet's pre-activation layers), the BN is
-gathered too, so channels no group reads are dropped before normalisation."""
+A GatheredBatchNorm2d is a BN that first selects the channels its SG conv reads. How a layer runs
+in eval mode (its execution plan) is sgdet.deploy.plans' business; a layer only carries it out."""
 from __future__ import annotations
-
-import copy
-from typing import Callable, Iterable
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .layers import SGConv2d, SGLinear, is_sg_layer
+from ..layers import SGConv2d, SGLinear
+from . import plans
 
 
 def _group_layout(layer: nn.Module, in_map: torch.Tensor | None):
     """Permutation and per-group input indices of an SG layer.
 
-    Returns (order, out_order, in_index, group_out, group_in): ``order`` lists filters group by
-    group, ``out_order`` restores the original channel order, ``in_index`` concatenates the
-    input channels of each group (remapped through ``in_map`` when the input was gathered)."""
+    Returns (order, out_order, in_index, group_out, group_in, per_group): ``order`` lists filters
+    group by group, ``out_order`` restores the original channel order, ``in_index`` concatenates
+    the input channels of each group (``per_group``; remapped through ``in_map`` when the input
+    was gathered)."""
     group, keep = layer.group.cpu(), layer.group_keep().cpu()
     order = torch.argsort(group, stable=True)
     out_order = torch.argsort(order)
@@ -49,10 +48,9 @@ class _DiverseGroup(nn.Module):
                      kernel: tuple[int, ...], bias: bool, source_in: int,
                      source_out: int | None = None, plan: dict | None = None) -> None:
         self.source_in = int(source_in)   # input width of the dense layer this one came from
-        # output width of that dense layer: the dead-channel pass (sgdet.fast) may drop filters
+        # output width of that dense layer: the dead-channel pass (optimize) may drop filters
         self.source_out = int(source_out if source_out is not None else out_features)
-        self.plan = None if plan is None else {"mode": str(plan["mode"]),
-                                               "buckets": [[int(g) for g in b] for b in plan["buckets"]]}
+        self._plan = plans.normalize(plan)
         self._exec: list[tuple] = []       # fast-path pieces, rebuilt by refresh()
         self._exec_out_name: str | None = None
         self._synced: tuple = ()
@@ -94,12 +92,34 @@ class _DiverseGroup(nn.Module):
         kept = sum(o * i for o, i in zip(self.group_out, self.group_in))
         return 1.0 - kept / (self.source_out * self.source_in)
 
-    # --- fast execution (sgdet.fast chooses the plan; here it is only carried out) -------------
-    # The parameters stay the per-group weights (the deployed count). A plan describes how to
-    # run them: "loop" runs each bucket of merged groups as one dense layer over the union of its
-    # groups' inputs (zero-filled), "grouped" runs all buckets, padded to one size, as a single
-    # grouped convolution, "dense" one layer over every input. Its tensors are derived buffers,
-    # not state: rebuilt from the weights on load and whenever the weights change.
+    # --- plan execution (sgdet.deploy.plans builds the tensors; here they are only run) ---------
+    # The parameters stay the per-group weights (the deployed count). A plan's tensors are
+    # derived buffers, not state: rebuilt from the weights on load and whenever they change.
+
+    @property
+    def plan(self) -> dict | None:
+        """The execution plan run in eval mode without autograd (None: the per-group form)."""
+        return self._plan
+
+    def set_plan(self, plan: dict | None) -> None:
+        """Run ``plan`` from now on (None: the exact per-group form)."""
+        self._plan = plans.normalize(plan)
+        self.refresh()
+
+    @property
+    def reorders_output(self) -> bool:
+        """Whether the per-group form ends with a reorder of its output channels."""
+        return self._reorder
+
+    @property
+    def plan_reorders_output(self) -> bool:
+        """Whether the plan's pieces end with a reorder of their concatenated outputs."""
+        return self._exec_out_name is not None
+
+    @property
+    def plan_weights(self) -> list[torch.Tensor]:
+        """The weights the plan runs (zero-filled where buckets merge groups)."""
+        return [weight for _, weight, _, _, _ in self._exec_tensors]
 
     def _versions(self) -> tuple:
         # cached parameter list: walking ParameterList per call costs more than a small conv
@@ -112,8 +132,16 @@ class _DiverseGroup(nn.Module):
         for name in [n for n in self._buffers if n.startswith("_x")]:
             del self._buffers[name]
         self._exec, self._exec_out_name = [], None
-        if self.plan is not None:
-            self._build_exec()
+        if self._plan is not None:
+            pieces, exec_out = plans.compile_plan(self, self._plan)
+            for i, (chans, weight, bias, size_in) in enumerate(pieces):
+                self.register_buffer(f"_xi{i}", chans, persistent=False)
+                self.register_buffer(f"_xw{i}", weight, persistent=False)
+                self.register_buffer(f"_xb{i}", bias, persistent=False)
+                self._exec.append((f"_xi{i}", f"_xw{i}", f"_xb{i}", int(weight.shape[0]), size_in))
+            if exec_out is not None:
+                self.register_buffer("_xo", exec_out, persistent=False)
+                self._exec_out_name = "_xo"
         self._param_refs = tuple(self.parameters(recurse=False)) + tuple(self.weights)
         self._cache_exec()
         self._synced = self._versions()
@@ -133,89 +161,10 @@ class _DiverseGroup(nn.Module):
             self._synced = self._versions()
         return result
 
-    def _group_segments(self):
-        """Per group: (input indices into the layer input, weight, output positions in cat order)."""
-        segments, start_in, start_out = [], 0, 0
-        for g, (size_out, size_in) in enumerate(zip(self.group_out, self.group_in)):
-            segments.append((self.in_index[start_in:start_in + size_in], self.weights[g],
-                             torch.arange(start_out, start_out + size_out, device=self.in_index.device)))
-            start_in += size_in
-            start_out += size_out
-        return segments
-
-    def _build_exec(self) -> None:
-        mode, buckets = self.plan["mode"], self.plan["buckets"]
-        segments = self._group_segments()
-        ref = self.in_index
-        kernel = tuple(self.weights[0].shape[2:]) if len(self.weights) else ()
-        dtype = self.weights[0].dtype if len(self.weights) else torch.float32
-        width = self._input_width()
-        pieces = []           # (channels or None for all, weight, bias, cat positions)
-        for bucket in buckets:
-            if mode == "dense":
-                chans = torch.arange(width, device=ref.device)
-            else:
-                parts = [segments[g][0] for g in bucket]
-                chans = torch.unique(torch.cat(parts)) if parts else ref.new_zeros(0)
-            if len(buckets) == 1 and mode != "grouped":
-                # one piece covers every filter: lay its rows out in the final output order, so
-                # no reorder runs after it (a reorder of a wide output can cost more than a 1x1 conv)
-                rows = self.out_order.clone()
-            else:
-                rows = torch.cat([segments[g][2] for g in bucket]) if bucket else ref.new_zeros(0)
-            dest = torch.full((self.out_features_total,), -1, dtype=torch.long, device=ref.device)
-            dest[rows] = torch.arange(rows.numel(), device=ref.device)
-            weight = torch.zeros(rows.numel(), chans.numel(), *kernel, dtype=dtype, device=ref.device)
-            for g in bucket:
-                index, w, out_rows = segments[g]
-                cols = torch.searchsorted(chans, index)
-                weight[dest[out_rows].view(-1, 1), cols.view(1, -1)] = w.detach()
-            bias = None if self.bias is None else self.bias.detach()[rows]
-            pieces.append((chans, weight, bias, rows))
-        if mode == "grouped":
-            pieces = [self._pad_pieces(pieces, kernel, dtype)]
-        if len(kernel) == 2 and any(w.is_contiguous(memory_format=torch.channels_last) and not w.is_contiguous()
-                                    for w in self.weights):
-            # a channels_last model keeps its plan weights channels_last: no reorder per call
-            pieces = [(c, w.contiguous(memory_format=torch.channels_last), b, r) for c, w, b, r in pieces]
-        cat_rows = torch.cat([p[3] for p in pieces])            # exec position -> cat position
-        position = torch.full((self.out_features_total,), -1, dtype=torch.long, device=ref.device)
-        real = cat_rows >= 0
-        position[cat_rows[real]] = torch.nonzero(real).flatten()
-        exec_out = position[self.out_order]                     # output channel -> exec position
-        for i, (chans, weight, bias, _) in enumerate(pieces):
-            full = chans.numel() == width and torch.equal(chans, torch.arange(width, device=chans.device))
-            self.register_buffer(f"_xi{i}", None if full else chans.clone(), persistent=False)
-            self.register_buffer(f"_xw{i}", weight, persistent=False)
-            self.register_buffer(f"_xb{i}", bias, persistent=False)
-            self._exec.append((f"_xi{i}", f"_xw{i}", f"_xb{i}", int(weight.shape[0]), int(chans.numel())))
-        if cat_rows.numel() != exec_out.numel() or not torch.equal(
-                exec_out, torch.arange(exec_out.numel(), device=exec_out.device)):
-            self.register_buffer("_xo", exec_out, persistent=False)
-            self._exec_out_name = "_xo"
-
-    def _pad_pieces(self, pieces, kernel, dtype):
-        """One grouped piece: every bucket padded to the largest bucket's inputs and outputs with
-        zero weights (padding reads channel 0 and emits rows that are never selected)."""
-        n_in = max(1, max(p[0].numel() for p in pieces))
-        n_out = max(p[1].shape[0] for p in pieces)
-        device = self.in_index.device
-        chans = torch.zeros(len(pieces) * n_in, dtype=torch.long, device=device)
-        weight = torch.zeros(len(pieces) * n_out, n_in, *kernel, dtype=dtype, device=device)
-        bias = None if self.bias is None else torch.zeros(len(pieces) * n_out, dtype=dtype, device=device)
-        rows = torch.full((len(pieces) * n_out,), -1, dtype=torch.long, device=device)
-        for b, (c, w, bb, r) in enumerate(pieces):
-            chans[b * n_in:b * n_in + c.numel()] = c
-            weight[b * n_out:b * n_out + w.shape[0], :w.shape[1]] = w
-            if bias is not None:
-                bias[b * n_out:b * n_out + w.shape[0]] = bb
-            rows[b * n_out:b * n_out + w.shape[0]] = r
-        return chans, weight, bias, rows
-
     def _fast_active(self) -> bool:
         """The plan runs in eval mode without autograd; training and gradients use the exact
         per-group form, whose parameters are the ones an optimiser updates."""
-        return self.plan is not None and not self.training and not torch.is_grad_enabled()
+        return self._plan is not None and not self.training and not torch.is_grad_enabled()
 
     def _sync(self) -> None:
         if torch.jit.is_tracing() or torch.compiler.is_compiling():
@@ -241,6 +190,26 @@ class _DiverseGroup(nn.Module):
             y = select_channels(y, dim, self._exec_out)
         return y
 
+    def _run_groups(self, x: torch.Tensor, dim: int, op) -> torch.Tensor:
+        """The exact per-group form: each group's ``op`` over its own gathered channels."""
+        gathered = select_channels(x, dim, self.in_index)
+        outputs, start_in, start_out = [], 0, 0
+        for weight, size_out, size_in in zip(self.weights, self.group_out, self.group_in):
+            bias = self._bias_slice(start_out, size_out)
+            if size_in == 0:
+                y = self._constant_output(x, size_out, bias)
+            elif size_out == 0:
+                start_in += size_in
+                continue
+            else:
+                end = start_in + size_in
+                y = op(gathered[:, start_in:end] if dim == 1 else gathered[..., start_in:end], weight, bias)
+            outputs.append(y)
+            start_in += size_in
+            start_out += size_out
+        y = torch.cat(outputs, dim)
+        return select_channels(y, dim, self.out_order) if self._reorder else y
+
     def exec_macs_per_position(self) -> int:
         """Multiply-accumulates per output position of what actually runs now."""
         if self._fast_active():
@@ -264,7 +233,10 @@ class DiverseGroupConv2d(_DiverseGroup):
                           source_in or in_channels, source_out, plan)
         self.refresh()
 
-    def _input_width(self) -> int:
+    supports_grouped = True              # plans may run all groups as one grouped convolution
+
+    @property
+    def input_width(self) -> int:
         return self.in_channels
 
     def _constant_output(self, x: torch.Tensor, size: int, bias) -> torch.Tensor:
@@ -307,23 +279,7 @@ class DiverseGroupConv2d(_DiverseGroup):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self._fast_active():
             return self._run_fast(x, 1, self._conv)
-        gathered = select_channels(x, 1, self.in_index)
-        outputs, start_in, start_out = [], 0, 0
-        for weight, size_out, size_in in zip(self.weights, self.group_out, self.group_in):
-            bias = self._bias_slice(start_out, size_out)
-            if size_in == 0:
-                y = self._constant_output(x, size_out, bias)
-            elif size_out == 0:
-                start_in += size_in
-                continue
-            else:
-                y = F.conv2d(gathered[:, start_in:start_in + size_in], weight, bias,
-                             self.stride, self.padding, self.dilation)
-            outputs.append(y)
-            start_in += size_in
-            start_out += size_out
-        y = torch.cat(outputs, 1)
-        y = select_channels(y, 1, self.out_order) if self._reorder else y
+        y = self._run_groups(x, 1, self._conv)
         if not x.is_contiguous() and x.is_contiguous(memory_format=torch.channels_last):
             y = y.contiguous(memory_format=torch.channels_last)    # convs of channel slices emit NCHW
         return y
@@ -345,7 +301,10 @@ class DiverseGroupLinear(_DiverseGroup):
                           source_in or in_features, source_out, plan)
         self.refresh()
 
-    def _input_width(self) -> int:
+    supports_grouped = False
+
+    @property
+    def input_width(self) -> int:
         return self.in_features
 
     def _constant_output(self, x: torch.Tensor, size: int, bias) -> torch.Tensor:
@@ -368,22 +327,7 @@ class DiverseGroupLinear(_DiverseGroup):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self._fast_active():
             return self._run_fast(x, -1, F.linear)
-        gathered = x.index_select(-1, self.in_index)
-        outputs, start_in, start_out = [], 0, 0
-        for weight, size_out, size_in in zip(self.weights, self.group_out, self.group_in):
-            bias = self._bias_slice(start_out, size_out)
-            if size_in == 0:
-                y = self._constant_output(x, size_out, bias)
-            elif size_out == 0:
-                start_in += size_in
-                continue
-            else:
-                y = F.linear(gathered[..., start_in:start_in + size_in], weight, bias)
-            outputs.append(y)
-            start_in += size_in
-            start_out += size_out
-        y = torch.cat(outputs, -1)
-        return y.index_select(-1, self.out_order) if self._reorder else y
+        return self._run_groups(x, -1, F.linear)
 
     def sg_macs(self, x: torch.Tensor, output: torch.Tensor) -> int:
         return (output.numel() // self.out_features) * self.exec_macs_per_position()
@@ -402,6 +346,11 @@ class GatheredBatchNorm2d(nn.BatchNorm2d):
         # after the dead-channel pass a BN may select every channel of its (shrunk) input in order
         self._identity = in_channels == num_features
         self.register_load_state_dict_post_hook(lambda module, keys: module.refresh())
+
+    @property
+    def gathers(self) -> bool:
+        """False where it selects every channel of its input in order (a plain BN)."""
+        return not self._identity
 
     def refresh(self) -> None:
         self._identity = self.in_channels == self.num_features and torch.equal(
@@ -439,109 +388,6 @@ class GatheredBatchNorm2d(nn.BatchNorm2d):
         return super().forward(x if self._identity else select_channels(x, 1, self.channel_index))
 
 
-# Modules whose forward applies BN (then an element-wise activation) straight into a conv:
-# {module class: [(bn attribute, conv attribute), ...]}. nn.Sequential is handled generically.
-BN_CONV_PAIRS: dict[type, list[tuple[str, str]]] = {}
-
-
-def register_bn_conv_pairs(cls: type, pairs: Iterable[tuple[str, str]]) -> None:
-    """Declare that in ``cls.forward`` BN attribute a feeds conv attribute b through element-wise
-    ops only, and nothing else reads a's output; deploy() may then gather the BN too."""
-    BN_CONV_PAIRS[cls] = list(pairs)
-
-
-def _register_torchvision_pairs() -> None:
-    from torchvision.models import densenet
-    register_bn_conv_pairs(densenet._DenseLayer, [("norm1", "conv1"), ("norm2", "conv2")])
-
-
-_register_torchvision_pairs()
-
-_ELEMENTWISE = (nn.ReLU, nn.ReLU6, nn.LeakyReLU, nn.SiLU, nn.GELU, nn.Hardswish, nn.Identity,
-                nn.Dropout)
-
-
-def _sequential_pairs(seq: nn.Sequential) -> list[tuple[str, str]]:
-    names, mods = list(seq._modules.keys()), list(seq._modules.values())
-    pairs = []
-    for i, m in enumerate(mods):
-        if type(m) is not nn.BatchNorm2d:
-            continue
-        j = i + 1
-        while j < len(mods) and isinstance(mods[j], _ELEMENTWISE):
-            j += 1
-        if j < len(mods) and isinstance(mods[j], SGConv2d):
-            pairs.append((names[i], names[j]))
-    return pairs
-
-
-def _bn_conv_pairs(model: nn.Module) -> list[tuple[str, str]]:
-    """Fully-qualified (bn, conv) names where the BN may be gathered with the conv."""
-    found = []
-    for prefix, module in model.named_modules():
-        pairs = BN_CONV_PAIRS.get(type(module))
-        if pairs is None and isinstance(module, nn.Sequential):
-            pairs = _sequential_pairs(module)
-        for bn_name, conv_name in pairs or ():
-            bn, conv = getattr(module, bn_name, None), getattr(module, conv_name, None)
-            if (type(bn) is nn.BatchNorm2d and isinstance(conv, SGConv2d)
-                    and bn.num_features == conv.in_channels):
-                join = (prefix + ".") if prefix else ""
-                found.append((join + bn_name, join + conv_name))
-    return found
-
-
-def _set(model: nn.Module, name: str, new: nn.Module) -> None:
-    parent_name, _, child = name.rpartition(".")
-    setattr(model.get_submodule(parent_name) if parent_name else model, child, new)
-
-
-@torch.no_grad()
-def deploy(model: nn.Module, inplace: bool = False, optimize: bool = False,
-           example_input: torch.Tensor | None = None, repeats: int = 5) -> nn.Module:
-    """Convert every masked SG layer of ``model`` into its diverse group form.
-
-    Returns a new model (``inplace=False``) whose outputs equal the masked model's and whose
-    parameters are only the kept connections. The deployed model can be trained further, saved
-    with sgdet.save and exported; it can no longer be regrouped.
-
-    ``optimize=True`` then runs sgdet.fast.optimize: permutations folded into neighbours, dead
-    channels dropped, and each layer given its fastest exact execution plan, timed on
-    ``example_input`` (on the model's device) where one is given, else from a cost model. A
-    channels_last ``example_input`` turns the model channels_last first, so plans are timed in
-    the layout the model will run in. The report is kept as ``deployed.sgdet_fast_report``."""
-    from .models import arch_of
-    arch = arch_of(model)
-    deployed = model if inplace else copy.deepcopy(model)
-    if arch is not None:
-        deployed.sgdet_arch = arch
-    in_maps: dict[str, torch.Tensor] = {}
-    for bn_name, conv_name in _bn_conv_pairs(deployed):
-        conv = deployed.get_submodule(conv_name)
-        used = conv.mask.any(0).cpu()
-        if bool(used.all()):
-            continue
-        channels = torch.nonzero(used).flatten()
-        remap = torch.full((conv.in_channels,), -1, dtype=torch.long)
-        remap[channels] = torch.arange(channels.numel())
-        in_maps[conv_name] = remap
-        _set(deployed, bn_name, GatheredBatchNorm2d.from_bn(deployed.get_submodule(bn_name), channels))
-    for name, layer in list(deployed.named_modules()):
-        if not is_sg_layer(layer):
-            continue
-        in_map = in_maps.get(name)
-        width = None if in_map is None else int((in_map >= 0).sum())
-        cls: Callable = DiverseGroupConv2d if isinstance(layer, SGConv2d) else DiverseGroupLinear
-        new = cls.from_sg(layer, in_map, width)
-        new.train(layer.training)
-        _set(deployed, name, new)
-    if optimize:
-        from .fast import optimize as make_fast
-        if (example_input is not None and example_input.dim() == 4 and not example_input.is_contiguous()
-                and example_input.is_contiguous(memory_format=torch.channels_last)):
-            deployed = deployed.to(memory_format=torch.channels_last)   # tune in the layout it will run in
-        deployed.sgdet_fast_report = make_fast(deployed, example_input, repeats=repeats)
-    return deployed
-
-
-DEPLOYED_TYPES = (DiverseGroupConv2d, DiverseGroupLinear, GatheredBatchNorm2d)
+def is_gathering(bn: nn.Module | None) -> bool:
+    """Whether ``bn`` is a GatheredBatchNorm2d that really selects channels."""
+    return isinstance(bn, GatheredBatchNorm2d) and bn.gathers

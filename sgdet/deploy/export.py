@@ -1,4 +1,4 @@
-"""Deployment, export stage: a deployed model (exact or optimised by sgdet.fast) written as a
+"""Deployment, export stage: a deployed model (exact or optimised by sgdet.deploy.optimize) written as a
 TorchScript module or an ONNX graph (opset 17 or later), checked against the PyTorch model on an
 example input before the file is put in place.
 
@@ -8,13 +8,13 @@ the zero-filled weights of the plans it runs. Writes are atomic (temporary file,
 from __future__ import annotations
 
 import os
-import tempfile
 import warnings
 
 import torch
 from torch import nn
 
-from .errors import ConfigError, DependencyError, SGError
+from ..errors import ConfigError, DependencyError, SGError
+from ..files import atomic_path
 
 FORMATS = ("torchscript", "onnx")
 MIN_OPSET = 17
@@ -43,17 +43,6 @@ def _check(reference: torch.Tensor, output, what: str, rel: float = 1e-4) -> flo
     if not diff <= allowed:
         raise ExportMismatch(f"{what} differs from the model by {diff:.3g} (allowed {allowed:.3g})")
     return diff
-
-
-def _atomic_target(path: str, suffix: str) -> tuple[str, str]:
-    path = os.fspath(path)
-    if os.path.isdir(path):
-        raise ConfigError(f"--out {path} is a directory; give a file name")
-    folder = os.path.dirname(os.path.abspath(path))
-    os.makedirs(folder, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=".tmp-", suffix=suffix, dir=folder)
-    os.close(fd)
-    return path, tmp
 
 
 def onnx_weight_count(path: str) -> int:
@@ -88,8 +77,10 @@ def export(model: nn.Module, path: str | os.PathLike, fmt: str, example_input: t
     model = model.eval()
     checks = [example_input, torch.cat([example_input, example_input[:1] * 0.5])]
     references = [model(x) for x in checks]
-    path, tmp = _atomic_target(path, ".pt" if fmt == "torchscript" else ".onnx")
-    try:
+    path = os.fspath(path)
+    if os.path.isdir(path):
+        raise ConfigError(f"--out {path} is a directory; give a file name")
+    with atomic_path(path, ".pt" if fmt == "torchscript" else ".onnx") as tmp:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")        # tracer and legacy-exporter deprecation notes
             if fmt == "torchscript":
@@ -110,11 +101,6 @@ def export(model: nn.Module, path: str | os.PathLike, fmt: str, example_input: t
                 diff = max(diff, _check(ref, runner(x), f"the exported {fmt} model"))
         info = {"format": fmt, "max_abs_diff": diff,
                 "weights": onnx_weight_count(tmp) if fmt == "onnx" else None}
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
     return {"path": path, **info}
 
 

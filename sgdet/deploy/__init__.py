@@ -1,0 +1,18 @@
+"""Deployment: a compressed (masked) model made into one that runs with only its kept weights.
+
+Stages, one module each: ``convert`` (deploy(): SG layers become the exact diverse group modules
+of ``modules``, BNs gathered where ``patterns`` allows), ``optimize`` (the fast stage: folded
+permutations, dead channels, execution ``plans`` chosen with ``timing``) and ``export``
+(TorchScript / ONNX files)."""
+from .convert import deploy
+from .export import export
+from .modules import DiverseGroupConv2d, DiverseGroupLinear, GatheredBatchNorm2d, select_channels
+from .optimize import capture_inputs, optimize
+from .patterns import register_bn_conv_pairs, register_conv_bn_conv
+from .timing import time_interleaved
+
+__all__ = [
+    "deploy", "DiverseGroupConv2d", "DiverseGroupLinear", "GatheredBatchNorm2d",
+    "register_bn_conv_pairs", "register_conv_bn_conv", "optimize", "export", "select_channels",
+    "time_interleaved", "capture_inputs",
+]
