@@ -6,7 +6,6 @@ benchmarks/results/compress_cost.json and .md; run with `make bench` or directly
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import platform
 import statistics
@@ -15,6 +14,7 @@ import time
 import torch
 
 import sgdet
+from sgdet.files import write_json, write_text
 
 TARGETS = {"resnet50": 15.0, "densenet201": 45.0}
 
@@ -53,14 +53,10 @@ def main() -> None:
                      f"{r['target_s']} | {ok} |")
     table = "\n".join(lines)
     os.makedirs(os.path.dirname(args.out), exist_ok=True)
-    with open(args.out + ".json.tmp", "w") as handle:
-        json.dump({"machine": machine, "results": rows}, handle, indent=2)
-    os.replace(args.out + ".json.tmp", args.out + ".json")
-    with open(args.out + ".md.tmp", "w") as handle:
-        handle.write(f"# One-shot compression cost\n\nMachine: {machine['cpu_count']} cores, torch "
-                     f"{machine['torch']} ({machine['torch_threads']} threads), {machine['when']}.\n\n"
-                     f"{table}\n")
-    os.replace(args.out + ".md.tmp", args.out + ".md")
+    write_json(args.out + ".json", {"machine": machine, "results": rows}, indent=2)
+    write_text(args.out + ".md", f"# One-shot compression cost\n\nMachine: {machine['cpu_count']} cores, "
+               f"torch {machine['torch']} ({machine['torch_threads']} threads), {machine['when']}.\n\n"
+               f"{table}\n")
     print(table)
 
 

@@ -15,6 +15,7 @@ import torch
 import torch.nn.functional as F
 
 import sgdet
+from sgdet.files import write_text
 
 
 def step_time(model: torch.nn.Module, images: torch.Tensor, labels: torch.Tensor,
@@ -65,9 +66,7 @@ def main() -> None:
     for suffix, text in ((".json", json.dumps(result, indent=2)),
                          (".md", f"# Training step, masked vs dense (CPU, {torch.get_num_threads()} threads, "
                                  f"median of {args.repeats}, interleaved, {result['when']})\n\n{table}\n")):
-        with open(args.out + suffix + ".tmp", "w") as handle:
-            handle.write(text)
-        os.replace(args.out + suffix + ".tmp", args.out + suffix)
+        write_text(args.out + suffix, text)
     print(table)
 
 

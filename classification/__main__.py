@@ -10,40 +10,13 @@ Thin: parses arguments and calls the pipeline; user errors print one line and ex
 import argparse
 import sys
 
+from sgdet.engine.cli import add_config_verb, overrides_and_resume
 from sgdet.errors import run_entry_point
 
 _HELP = {"train": "baseline training (SOLVER.*)",
          "compress": "self-grouping compression with the SG.SCHEME fine-tuning",
          "eval": "evaluate MODEL.WEIGHTS: top-1/top-5, Params, FLOPs",
          "sweep": "one compress run per SWEEP.VALUES entry, table and accuracy-vs-compression curves"}
-
-
-def add_config_verb(sub, verb: str, help: str, example: str = "SOLVER.LR 0.01 DATA.ROOT /data/imagenet",
-                    extra=None) -> argparse.ArgumentParser:
-    """``VERB --config FILE [--resume] [extra arguments] [KEY VALUE ...]`` (every verb but eval
-    resumes); ``extra(parser)`` adds a verb's own arguments before the overrides. Shared by the
-    classification and transfer command lines."""
-    p = sub.add_parser(verb, help=help, description=f"{help}. Trailing KEY VALUE pairs override the config.")
-    p.add_argument("--config", required=True, metavar="FILE", help="YAML config (with _BASE_)")
-    if verb != "eval":
-        p.add_argument("--resume", action="store_true",
-                       help="continue from OUTPUT_DIR/last_checkpoint.pt (start fresh if there is none)")
-    if extra is not None:
-        extra(p)
-    p.add_argument("opts", nargs=argparse.REMAINDER, metavar="KEY VALUE",
-                   help=f"config overrides, e.g. {example}")
-    return p
-
-
-def overrides_and_resume(args) -> tuple[list[str], bool]:
-    """The trailing overrides and the resume flag; ``--resume`` is accepted after the overrides
-    too (argparse leaves it among them)."""
-    opts = list(args.opts)
-    resume = bool(getattr(args, "resume", False))
-    if "--resume" in opts and args.command != "eval":
-        opts.remove("--resume")
-        resume = True
-    return opts, resume
 
 
 def main(argv=None) -> int:

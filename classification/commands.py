@@ -4,20 +4,22 @@ process group when started by torchrun, saves the merged config beside the resul
 engine. Everything user-facing is an SGError (one line, exit status 2)."""
 from __future__ import annotations
 
-import contextlib
-import json
 import logging
 import os
 import re
 
 from sgdet.config import load_config, save_config
+from sgdet.engine.cli import session
+from sgdet.engine.distributed import DistContext, barrier
+from sgdet.engine.rng import seed_everything
+from sgdet.engine.trainer import Trainer
 from sgdet.errors import ConfigError
+from sgdet.files import write_json, write_text
 
 from . import datasets as data_module
-from .config import get_defaults
-from .distributed import DistContext, barrier, cleanup, init_distributed
-from .engine import (Trainer, build_model, seed_everything, setup_logging, teardown_logging,
-                     validate_config)
+from .config import get_defaults, validate_config
+from .model import build_model
+
 
 log = logging.getLogger("classification")
 
@@ -27,24 +29,6 @@ def load(config: str, overrides: list[str] | None = None):
     cfg = load_config(get_defaults(), config, list(overrides or []))
     validate_config(cfg)
     return cfg
-
-
-@contextlib.contextmanager
-def session(cfg, device: str | None = None):
-    """Process group (when started by torchrun), rank-0 logging, the merged config saved.
-    ``device``: the config's device setting where its schema names it otherwise than DEVICE."""
-    ctx = init_distributed(cfg.DEVICE if device is None else device)
-    try:
-        setup_logging(ctx, str(cfg.OUTPUT_DIR))
-        if ctx.is_main:
-            save_config(cfg, str(cfg.OUTPUT_DIR))
-        if ctx.distributed:
-            log.info("distributed: %d processes (%s), this is rank %d on %s", ctx.world_size,
-                     ctx.backend, ctx.rank, ctx.device)
-        yield ctx
-    finally:
-        cleanup(ctx)
-        teardown_logging()
 
 
 def resolve_num_classes(cfg) -> int:
@@ -160,21 +144,14 @@ def run_sweep(cfg, ctx: DistContext, resume: bool = False) -> dict:
         from .report import plot_sweep, sweep_table
         out = str(cfg.OUTPUT_DIR)
         table = sweep_table(keys, collected)
-        _write(os.path.join(out, "sweep.md"), table)
-        _write(os.path.join(out, "sweep.json"), json.dumps(summary, indent=2, default=str) + "\n")
+        write_text(os.path.join(out, "sweep.md"), table)
+        write_json(os.path.join(out, "sweep.json"), summary, indent=2)
         picture = plot_sweep(keys, collected, os.path.join(out, "sweep.png"),
                              title=f"{cfg.MODEL.ARCH} on {cfg.DATA.NAME}: accuracy vs compression ({keys})")
         log.info("sweep table:\n%s", table)
         log.info("sweep results in %s (%s)", out, os.path.basename(picture))
     barrier(ctx)
     return summary
-
-
-def _write(path: str, text: str) -> None:
-    tmp = path + ".tmp"
-    with open(tmp, "w") as handle:
-        handle.write(text)
-    os.replace(tmp, path)
 
 
 VERBS = {"train": run_train, "compress": run_compress, "eval": run_eval, "sweep": run_sweep}

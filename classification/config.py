@@ -1,8 +1,15 @@
-"""The classification pipeline's config schema (every key a run may set, with its default).
-Configs under configs/classification/ override these; anything not listed here is an error."""
+"""The classification pipeline's config schema (every key a run may set, with its default) and its
+validation. Configs under configs/classification/ override these; anything not listed here is an
+error, and so is a value that cannot run (``validate_config``: one line naming the key)."""
 from __future__ import annotations
 
+import sgdet
+from sgdet.compress import validate_arguments as validate_sg_arguments
 from sgdet.config import CfgNode
+from sgdet.engine.validation import positive_float, positive_int
+from sgdet.errors import ConfigError
+
+SCHEMES = ("G", "LG", "L")
 
 
 def get_defaults() -> CfgNode:
@@ -38,6 +45,8 @@ def get_defaults() -> CfgNode:
     cfg.SOLVER.MILESTONES = [30, 60]
     cfg.SOLVER.GAMMA = 0.1
     cfg.SOLVER.EVAL_PERIOD = 1     # evaluate every N training epochs (0: only at the end)
+    cfg.SOLVER.CHECKPOINT_PERIOD = 0   # iterations between checkpoints inside an epoch (0: none;
+                                       # one comes after every epoch and pruning step anyway)
 
     cfg.SG = CfgNode()
     cfg.SG.SCHEME = "G"            # G: global only | LG: local + global | L: local only
@@ -57,3 +66,41 @@ def get_defaults() -> CfgNode:
                                    # keys together (each value then a list [a, b])
     cfg.SWEEP.VALUES = []
     return cfg
+
+
+def validate_config(cfg) -> None:
+    """Reject a config whose values cannot run, naming the key (a ConfigError, one line)."""
+    positive_int(cfg.SEED, "SEED", 0)
+    if str(cfg.DEVICE).lower() not in ("auto", "cpu", "cuda"):
+        raise ConfigError(f"DEVICE must be auto, cpu or cuda, got {cfg.DEVICE!r}")
+    if not str(cfg.OUTPUT_DIR):
+        raise ConfigError("OUTPUT_DIR must be set")
+    size = list(cfg.MODEL.INPUT_SIZE)
+    if len(size) != 3 or not all(isinstance(v, int) and v >= 1 for v in size):
+        raise ConfigError(f"MODEL.INPUT_SIZE must be [C, H, W] positive integers, got {size}")
+    positive_int(cfg.MODEL.NUM_CLASSES, "MODEL.NUM_CLASSES", 0)
+    positive_int(cfg.MODEL.WEIGHTS_EPOCHS, "MODEL.WEIGHTS_EPOCHS", 0)
+    if cfg.MODEL.ARCH not in sgdet.ARCHITECTURES:
+        raise ConfigError(f"unknown MODEL.ARCH {cfg.MODEL.ARCH!r}; choose from: "
+                          f"{', '.join(sorted(sgdet.ARCHITECTURES))}")
+    positive_int(cfg.DATA.BATCH_SIZE, "DATA.BATCH_SIZE")
+    positive_int(cfg.DATA.TEST_BATCH_SIZE, "DATA.TEST_BATCH_SIZE")
+    positive_int(cfg.DATA.WORKERS, "DATA.WORKERS", 0)
+    positive_int(cfg.DATA.LIMIT_TRAIN, "DATA.LIMIT_TRAIN", 0)
+    positive_int(cfg.SOLVER.EPOCHS, "SOLVER.EPOCHS", 0)
+    positive_int(cfg.SOLVER.EVAL_PERIOD, "SOLVER.EVAL_PERIOD", 0)
+    positive_int(cfg.SOLVER.CHECKPOINT_PERIOD, "SOLVER.CHECKPOINT_PERIOD", 0)
+    positive_float(cfg.SOLVER.LR, "SOLVER.LR")
+    positive_float(cfg.SOLVER.MOMENTUM, "SOLVER.MOMENTUM", allow_zero=True)
+    positive_float(cfg.SOLVER.WEIGHT_DECAY, "SOLVER.WEIGHT_DECAY", allow_zero=True)
+    positive_float(cfg.SOLVER.GAMMA, "SOLVER.GAMMA")
+    if cfg.SOLVER.SCHEDULE not in ("multistep", "cosine", "constant"):
+        raise ConfigError(f"SOLVER.SCHEDULE must be multistep, cosine or constant, got {cfg.SOLVER.SCHEDULE!r}")
+    for m in cfg.SOLVER.MILESTONES:
+        positive_int(m, "SOLVER.MILESTONES entries")
+    if str(cfg.SG.SCHEME).upper() not in SCHEMES:
+        raise ConfigError(f"SG.SCHEME must be one of {', '.join(SCHEMES)}, got {cfg.SG.SCHEME!r}")
+    validate_sg_arguments(cfg.SG.CONV_RATIO, cfg.SG.FC_RATIO, cfg.SG.GROUPS, cfg.SG.STEP, cfg.SEED,
+                          cfg.SG.N_INIT)
+    positive_int(cfg.SG.LOCAL_EPOCHS, "SG.LOCAL_EPOCHS", 0)
+    positive_float(cfg.SG.LOCAL_LR, "SG.LOCAL_LR")

@@ -31,17 +31,16 @@ from __future__ import annotations
 
 import logging
 import os
-from typing import Any, Callable, Sequence
+from typing import Callable, Sequence
 
-import torch
 import torchvision
 from torch.utils.data import Dataset, Subset, TensorDataset
-from torch.utils.data import default_collate
 from torchvision import transforms as T
 
+from sgdet.engine.data import collate_skipping_bad  # noqa: F401  (the loaders' collate)
 from sgdet.errors import ConfigError, DatasetError
 
-from .data import load_mnist_style
+from .mnist import load_mnist_style
 
 log = logging.getLogger("classification.datasets")
 
@@ -106,23 +105,14 @@ def skipped_count(dataset: Dataset) -> int:
     return int(getattr(dataset, "skipped", 0))
 
 
-def collate_skipping_bad(batch: Sequence[Any]) -> tuple[torch.Tensor, torch.Tensor, int]:
-    """Default collation of the good samples of ``batch``; ``None`` samples (unreadable images)
-    are dropped. Returns ``(images, labels, n_skipped)``; see the module docstring."""
-    good = [sample for sample in batch if sample is not None]
-    n_skipped = len(batch) - len(good)
-    if not good:
-        return torch.empty(0), torch.empty(0, dtype=torch.long), n_skipped
-    images, labels = default_collate(good)
-    return images, torch.as_tensor(labels, dtype=torch.long), n_skipped
-
-
 # ------------------------------------------------------------------------------------ ImageFolder
 
 class SkippingImageFolder(torchvision.datasets.ImageFolder):
     """torchvision's ImageFolder whose unreadable images give ``None`` (logged, counted in
     ``skipped``/``bad_files``) instead of an exception. ``classes`` pins the class list (so val
     labels use train's indices)."""
+
+    may_skip = True      # the Trainer keeps ranks in step when a batch loses samples
 
     def __init__(self, root: str, transform: Callable | None = None,
                  classes: Sequence[str] | None = None) -> None:
@@ -252,7 +242,7 @@ def build_cifar(name: str, root: str) -> tuple[Dataset, Dataset]:
 # ---------------------------------------------------------------------------------------- MNIST
 
 def build_mnist(name: str, root: str | None) -> tuple[Dataset, Dataset]:
-    """Normalised ``[1, 28, 28]`` tensors and long labels, read by classification.data."""
+    """Normalised ``[1, 28, 28]`` tensors and long labels, read by classification.mnist."""
     train, test = load_mnist_style(name, data=root, download=False)
     return TensorDataset(train.images, train.labels), TensorDataset(test.images, test.labels)
 

@@ -19,9 +19,10 @@ from sgdet.counting import format_count
 from sgdet.visualize import plot_group_structure
 
 from .config import get_defaults
-from .data import find_mnist_root, load_mnist_style
+from .mnist import find_mnist_root, load_mnist_style
 from .datasets import build_datasets
-from .engine import Trainer
+from sgdet.engine.trainer import Trainer
+from sgdet.files import write_text
 
 
 def seed_everything(seed: int) -> None:
@@ -81,13 +82,6 @@ class DemoTraining:
         return {"loss": result["loss"], "top1": result["top1"], "top5": result["top5"]}
 
 
-def _write_text(path: str, text: str) -> None:
-    tmp = path + ".tmp"
-    with open(tmp, "w") as handle:
-        handle.write(text)
-    os.replace(tmp, path)
-
-
 def results_table(rows: list[dict]) -> str:
     lines = ["| Model | Params | FLOPs | Top-1 (%) | Top-5 (%) | Deployed Top-1 (%) | Epochs |",
              "|---|---|---|---|---|---|---|"]
@@ -126,7 +120,7 @@ def run(args: argparse.Namespace) -> dict:
                                     "each reported level must be a step of the schedule")
     levels = sorted(set(round(level, 6) for level in args.levels))
     os.makedirs(args.out, exist_ok=True)
-    _write_text(os.path.join(args.out, "config.json"), json.dumps(vars(args), indent=2) + "\n")
+    write_text(os.path.join(args.out, "config.json"), json.dumps(vars(args), indent=2) + "\n")
     seed_everything(args.seed)
     progress = False if args.no_progress else None   # None: bars on a terminal only
     if args.download:                  # torchvision fetches the files into the cache once
@@ -163,10 +157,8 @@ def run(args: argparse.Namespace) -> dict:
     model = copy.deepcopy(baseline)
     records = sgdet.compress(model, conv_ratio=levels[-1], fc_ratio=levels[-1], groups=args.groups,
                              step=args.step, seed=args.seed, finetune=hook, progress=progress)
-    with open(os.path.join(args.out, "steps.jsonl.tmp"), "w") as handle:
-        for record in records:
-            handle.write(json.dumps(record.to_dict()) + "\n")
-    os.replace(os.path.join(args.out, "steps.jsonl.tmp"), os.path.join(args.out, "steps.jsonl"))
+    write_text(os.path.join(args.out, "steps.jsonl"),
+               "".join(json.dumps(record.to_dict()) + "\n" for record in records))
 
     for level in levels:
         compressed, steps_done = snapshots[level]
@@ -199,9 +191,9 @@ def run(args: argparse.Namespace) -> dict:
                                          f"/FC-{round(100 * levels[-1])}, g={args.groups}")
     table = results_table(rows)
     elapsed = time.time() - started
-    _write_text(os.path.join(args.out, "results.md"), table)
+    write_text(os.path.join(args.out, "results.md"), table)
     summary = {"rows": rows, "seconds": round(elapsed, 1), "config": vars(args)}
-    _write_text(os.path.join(args.out, "results.json"), json.dumps(summary, indent=2) + "\n")
+    write_text(os.path.join(args.out, "results.json"), json.dumps(summary, indent=2) + "\n")
     print()
     print(table)
     print(f"results, checkpoints and {os.path.basename(picture)} in {args.out} ({elapsed:.0f} s)")

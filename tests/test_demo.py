@@ -11,7 +11,7 @@ import pytest
 import torch
 
 import sgdet
-from classification.data import find_mnist_root, load_mnist_style
+from classification.mnist import find_mnist_root, load_mnist_style
 from sgdet.errors import DatasetError
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))

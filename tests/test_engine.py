@@ -20,7 +20,8 @@ from PIL import Image
 import sgdet
 from classification.__main__ import main
 from classification.config import get_defaults
-from classification.engine import epochs_string, n_prune_steps
+from sgdet.engine.reporting import epochs_string
+from sgdet.schedule import Schedule
 from sgdet.config import load_config
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -138,8 +139,8 @@ def test_epochs_column_as_the_paper_writes_it():
     assert epochs_string("90", 6, 0, 90) == "90+90"                  # G
     assert epochs_string("90", 6, 20, 90) == "90+6*20+90"            # LG
     assert epochs_string("90", 8, 20, 0) == "90+8*20"                # L
-    assert epochs_string("200", *n_prune_steps(0.75, 0.75, 0.05)[:1], 4, 200) == "200+15*4+200"
-    assert n_prune_steps(0.8, 0.6, 0.1)[0] == 8
+    assert epochs_string("200", Schedule(0.75, 0.75, 0.05).steps, 4, 200) == "200+15*4+200"
+    assert Schedule(0.8, 0.6, 0.1).steps == 8
 
 
 @pytest.mark.parametrize("override, message", [
@@ -399,8 +400,8 @@ def test_ddp_two_cpu_processes(workspace):
 
 def _sync_worker(rank: int, world: int, init_file: str, out: str) -> None:
     import torch.distributed as dist
-    from classification.distributed import DistContext
-    from classification.engine import sync_structure
+    from sgdet.engine.distributed import DistContext
+    from sgdet.engine.distributed import sync_structure
     from sgdet.compress import convert, prune_step
     dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world)
     try:

@@ -15,11 +15,11 @@ from torch import nn
 
 import sgdet
 from classification.datasets import collate_skipping_bad
-from classification.distributed import DistContext
+from sgdet.engine.distributed import DistContext
 from sgdet.errors import DatasetError
 from transfer import commands, cub
 from transfer.__main__ import main as cli, split_checkpoints
-from transfer.engine import find_head, replace_head, sg_structure, stem
+from transfer.head import find_head, replace_head, sg_structure, stem
 
 CLASSES = ["001.Black_footed_Albatross", "002.Laysan_Albatross", "003.Sooty_Albatross"]
 PER_CLASS, TRAIN_PER_CLASS = 4, 2

@@ -11,7 +11,7 @@ import os
 import re
 import sys
 
-from classification.__main__ import add_config_verb, overrides_and_resume
+from sgdet.engine.cli import add_config_verb, overrides_and_resume
 from sgdet.errors import run_entry_point
 
 _HELP = {"finetune": "replace the classifier by a dense head and fine-tune MODEL.WEIGHTS on CUB-200-2011",

@@ -8,14 +8,15 @@ import logging
 import os
 
 import sgdet
-from classification.commands import session
-from classification.distributed import DistContext, barrier
+from sgdet.engine.cli import session
+from sgdet.engine.distributed import DistContext, barrier
+from sgdet.checkpoint import is_checkpoint
 from sgdet.config import load_config, save_config
 from sgdet.errors import CheckpointError, ConfigError
 
 from . import cub
 from .config import get_defaults, validate_config
-from .engine import TransferTrainer, find_head, prepare_model, source_label, stem
+from .head import TransferTrainer, find_head, prepare_model, source_label, stem
 from .report import table_markdown, write_table
 
 log = logging.getLogger("transfer")
@@ -75,8 +76,7 @@ def evaluate(cfg, ctx: DistContext, resume: bool = False) -> TransferTrainer:
         raise CheckpointError(f"MODEL.WEIGHTS not found: {path}")
     datasets = build_datasets(cfg)
     num_classes = resolve_num_classes(cfg, datasets)
-    from .engine import _is_sgdet
-    if _is_sgdet(path):
+    if is_checkpoint(path):
         model = sgdet.load(path)
         meta = dict(getattr(model, "sgdet_meta", None) or {})
     else:

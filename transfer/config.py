@@ -4,8 +4,9 @@ configs/transfer/ override these; anything not listed here is an error."""
 from __future__ import annotations
 
 from classification.config import get_defaults as classification_defaults
-from classification.engine import _positive_int, validate_config as validate_classification
+from classification.config import validate_config as validate_classification
 from sgdet.config import CfgNode
+from sgdet.engine.validation import positive_int
 from sgdet.errors import ConfigError
 
 NAMES = ("cub200", "digits")      # digits: scikit-learn's, for the worked example
@@ -33,7 +34,7 @@ def validate_config(cfg) -> None:
     validate_classification(cfg)
     if str(cfg.DATA.NAME).lower() not in NAMES:
         raise ConfigError(f"unknown DATA.NAME {cfg.DATA.NAME!r} for transfer; choose from: {', '.join(NAMES)}")
-    _positive_int(cfg.MODEL.SOURCE_CLASSES, "MODEL.SOURCE_CLASSES")
-    _positive_int(cfg.DATA.TEST_RESIZE, "DATA.TEST_RESIZE")
+    positive_int(cfg.MODEL.SOURCE_CLASSES, "MODEL.SOURCE_CLASSES")
+    positive_int(cfg.DATA.TEST_RESIZE, "DATA.TEST_RESIZE")
     if not isinstance(cfg.DATA.CROP_BOXES, bool):
         raise ConfigError(f"DATA.CROP_BOXES must be True or False, got {cfg.DATA.CROP_BOXES!r}")

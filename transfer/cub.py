@@ -14,7 +14,7 @@ Parsing is strict: a malformed line, a duplicate id, an id missing from or unkno
 a class id not in classes.txt or an image file that does not exist is one ``DatasetError``
 naming the file and line. An image that exists but cannot be decoded is skipped at load time the
 way the classification pipeline does it: the sample is ``None`` and
-``classification.datasets.collate_skipping_bad`` drops it, so the Trainer's loaders work as is.
+``sgdet.engine.data.collate_skipping_bad`` drops it, so the Trainer's loaders work as is.
 """
 from __future__ import annotations
 

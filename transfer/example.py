@@ -22,10 +22,10 @@ import torch
 import sgdet
 from classification import commands as classification
 from classification.config import get_defaults as classification_defaults
-from classification.engine import RESULTS_HEADER
+from sgdet.engine.reporting import RESULTS_HEADER
 from sgdet.config import load_config
 
-from .engine import find_head
+from .head import find_head
 from .report import write_text
 
 log = logging.getLogger("transfer")

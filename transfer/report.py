@@ -8,6 +8,7 @@ import os
 
 from sgdet.counting import format_count
 from sgdet.visualize import save_figure
+from sgdet.files import write_text
 
 HEADER = "| Model | Params | FLOPs | Top-1 (%) | Top-5 (%) |\n|---|---|---|---|---|\n"
 
@@ -22,17 +23,6 @@ def table_markdown(rows: list[dict]) -> str:
     lines = [f"| {r['model']} | {format_count(r['params'], unit)} | {format_count(r['flops'], unit)} | "
              f"{r['top1']:.2f} | {r['top5']:.2f} |" for r in rows]
     return HEADER + "\n".join(lines) + "\n"
-
-
-def write_text(path: str, text: str) -> str:
-    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-    tmp = path + ".tmp"
-    with open(tmp, "w") as handle:
-        handle.write(text)
-        handle.flush()
-        os.fsync(handle.fileno())
-    os.replace(tmp, path)
-    return path
 
 
 def plot_table(rows: list[dict], path: str, title: str) -> str:

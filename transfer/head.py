@@ -15,8 +15,10 @@ import torch
 from torch import nn
 
 import sgdet
-from classification.engine import Trainer, pretty_arch, seed_everything
-from sgdet.checkpoint import FORMAT, read
+from sgdet.engine.rng import seed_everything
+from sgdet.engine.trainer import Trainer
+from sgdet.models import pretty_arch
+from sgdet.checkpoint import is_checkpoint, read
 from sgdet.deploy import DiverseGroupLinear
 from sgdet.errors import CheckpointError, ConfigError
 
@@ -49,20 +51,11 @@ def replace_head(model: nn.Module, num_classes: int) -> tuple[str, nn.Linear]:
     ref = next(old.parameters(), None)
     if ref is not None:
         head = head.to(ref.device)
-    parent, _, child = name.rpartition(".")
-    setattr(model.get_submodule(parent) if parent else model, child, head)
+    model.set_submodule(name, head)
     tag = getattr(model, "sgdet_arch", None)
     if isinstance(tag, dict) and "num_classes" in (tag.get("kwargs") or {}):
         model.sgdet_arch = {"name": tag["name"], "kwargs": {**tag["kwargs"], "num_classes": int(num_classes)}}
     return name, head
-
-
-def _is_sgdet(path: str) -> bool:
-    try:
-        blob = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
-    except Exception:
-        return False          # load_dense_weights reports a bad file properly
-    return isinstance(blob, dict) and blob.get("format") == FORMAT
 
 
 def load_source(cfg) -> tuple[nn.Module, dict]:
@@ -78,7 +71,7 @@ def load_source(cfg) -> tuple[nn.Module, dict]:
         return sgdet.build(cfg.MODEL.ARCH, **kwargs), {}
     if not os.path.isfile(path):
         raise CheckpointError(f"MODEL.WEIGHTS not found: {path}")
-    if _is_sgdet(path):
+    if is_checkpoint(path):
         payload = read(path)
         skeleton = None if payload.get("arch") else sgdet.build(cfg.MODEL.ARCH, **kwargs)
         model = sgdet.load(path, model=skeleton)

@@ -1,7 +1,8 @@
-"""torch.distributed for the classification engine: one process per device, started by
+"""Engine stage: torch.distributed for the Trainer of every pipeline: one process per device, started by
 ``torchrun`` (or several nodes of it), or a plain single process when the torchrun variables are
 absent. gloo on CPU, nccl on CUDA. Every helper is a no-op (or the identity) in a single process,
-so the engine calls them unconditionally."""
+so the engine calls them unconditionally. ``sync_structure`` makes the groups and masks of a pruning
+step identical on every rank."""
 from __future__ import annotations
 
 import datetime
@@ -16,7 +17,7 @@ import torch.distributed as dist
 
 from sgdet.errors import ConfigError
 
-log = logging.getLogger("classification")
+log = logging.getLogger("sgdet.engine")
 
 _ENV = ("RANK", "WORLD_SIZE")
 
@@ -158,3 +159,31 @@ def fingerprint(tensors: Iterable[torch.Tensor]) -> str:
         h.update(str(tuple(t.shape)).encode())
         h.update(t.numpy().tobytes())
     return h.hexdigest()[:16]
+
+
+@torch.no_grad()
+def sync_structure(layers: dict, ctx: DistContext, t: int = 0) -> str:
+    """Make groups, masks and SG weights identical on every rank after a pruning step. Each rank
+    ran the same deterministic k-means on identical weights (DDP keeps them in sync); rank 0's
+    groups, masks and weights are broadcast anyway, then every rank's fingerprint of its groups
+    and masks is compared (a mismatch raises). Returns the fingerprint."""
+    before = all_gather_object(_structure_fingerprint(layers), ctx)
+    if not ctx.distributed:
+        return before[0]
+    for layer in layers.values():
+        broadcast_tensor_(layer.group, ctx)
+        broadcast_tensor_(layer.mask, ctx)
+        broadcast_tensor_(layer.weight.data, ctx)
+        layer.zero_pruned_()
+    after = all_gather_object(_structure_fingerprint(layers), ctx)
+    if len(set(before)) > 1:
+        log.warning("step %d: ranks computed different groupings %s; using rank 0's", t, before)
+    if len(set(after)) > 1:
+        raise RuntimeError(f"step {t}: groups/masks still differ across ranks after broadcast: {after}")
+    log.info("step %d: groups and masks identical on all %d ranks (fingerprint %s)", t,
+             ctx.world_size, after[0])
+    return after[0]
+
+
+def _structure_fingerprint(layers: dict) -> str:
+    return fingerprint([t for m in layers.values() for t in (m.group, m.mask)])

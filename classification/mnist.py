@@ -5,14 +5,13 @@ from __future__ import annotations
 
 import gzip
 import os
-import shutil
-import tempfile
 from dataclasses import dataclass
 
 import torch
 import torchvision
 
 from sgdet.errors import DatasetError
+from sgdet.files import copy_stream
 
 # Debian's dataset-fashion-mnist package installs the idx.gz files here
 DEBIAN_LOCATIONS = {"fashion-mnist": "/usr/share/datasets/fashion-mnist",
@@ -43,10 +42,8 @@ def _extract_debian(name: str, source: str) -> str:
         plain = os.path.join(source, stem)
         if not (os.path.isfile(gz) or os.path.isfile(plain)):
             raise DatasetError(f"{source} lacks {stem}(.gz); reinstall the dataset package")
-        fd, tmp = tempfile.mkstemp(dir=raw, prefix=".tmp-")
-        with os.fdopen(fd, "wb") as out, (gzip.open(gz, "rb") if os.path.isfile(gz) else open(plain, "rb")) as src:
-            shutil.copyfileobj(src, out)
-        os.replace(tmp, target)
+        with (gzip.open(gz, "rb") if os.path.isfile(gz) else open(plain, "rb")) as src:
+            copy_stream(src, target)
     return root
 
 
