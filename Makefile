@@ -33,7 +33,7 @@ demo: setup data
 
 # Faster R-CNN over an SG-ResNet50 on generated shapes, on the CPU (see docs/detection.md).
 detection-demo: setup
-	$(PY) -m detection.demo --out out/detection_demo
+	$(PY) -m sgdet.detection.demo --out out/detection_demo
 
 test: setup
 	$(PY) -m pytest -q

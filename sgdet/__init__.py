@@ -1,6 +1,7 @@
 """sgdet: self-grouping convolutional neural networks (SG-CNN) for any PyTorch CNN.
 
-Public API (importing has no side effects beyond registering the built-in architectures)::
+Public API (importing has no side effects beyond registering the built-in architectures; the
+detection names load ``sgdet.detection`` on first use)::
 
     records = sgdet.compress(model, conv_ratio=0.6, fc_ratio=0.6, groups=16, step=0.1, seed=0)
     sgdet.count(model, input_size=(3, 224, 224))     # {'params': ..., 'flops': ...} (MACs)
@@ -16,10 +17,6 @@ from .errors import CheckpointError, ConfigError, DatasetError, NumericalError, 
 from .grouping import centroid_prune, group_filters, importance_vectors
 from .layers import SGConv2d, SGLinear
 from .models import ARCHITECTURES, build, load_dense_weights, register_arch
-# detection: registers the detection backbones and the "faster_rcnn" architecture (so sgdet.load
-# rebuilds a saved detector); datasets and the COCO evaluator live in sgdet.detection_data / _eval
-from .backbones import BACKBONE_REGISTRY, build_backbone
-from .detection import build_faster_rcnn, detector_counts
 
 __version__ = "0.1.0"
 
@@ -32,3 +29,14 @@ __all__ = [
     "SGError", "ConfigError", "CheckpointError", "DatasetError", "NumericalError",
     "BACKBONE_REGISTRY", "build_backbone", "build_faster_rcnn", "detector_counts",
 ]
+
+# Detection names load sgdet.detection (torchvision's detection models) on first use only:
+# `import sgdet` stays free of detection code.
+_DETECTION_NAMES = ("BACKBONE_REGISTRY", "build_backbone", "build_faster_rcnn", "detector_counts")
+
+
+def __getattr__(name: str):
+    if name in _DETECTION_NAMES:
+        from . import detection
+        return getattr(detection, name)
+    raise AttributeError(f"module 'sgdet' has no attribute {name!r}")

@@ -3,11 +3,11 @@ checkpoint name the network it holds. Nothing here downloads weights: pretrained
 from a local file through ``load_dense_weights``."""
 from __future__ import annotations
 
+import importlib
 import re
 from typing import Callable
 
 import torch
-import torchvision
 from torch import nn
 
 from .errors import CheckpointError, ConfigError
@@ -51,9 +51,11 @@ def lenet5(num_classes: int = 10, in_channels: int = 1) -> nn.Module:
 
 
 def _torchvision_builder(name: str) -> Callable[..., nn.Module]:
-    factory = getattr(torchvision.models, name)
-
+    # torchvision is imported on first build: importing it loads its detection models too, and
+    # `import sgdet` must stay free of detection code
     def build(num_classes: int = 1000) -> nn.Module:
+        import torchvision
+        factory = getattr(torchvision.models, name)
         return _tag(factory(weights=None, num_classes=num_classes), name, num_classes=num_classes)
 
     build.__name__ = name
@@ -64,7 +66,6 @@ def _torchvision_builder(name: str) -> Callable[..., nn.Module]:
 for _name in ("resnet18", "resnet34", "resnet50", "resnet101", "resnet152", "densenet121",
               "densenet161", "densenet169", "densenet201", "vgg11_bn", "vgg16_bn", "alexnet"):
     globals()[_name] = register_arch(_name)(_torchvision_builder(_name))
-
 
 
 @register_arch("densenet121_cifar")
@@ -78,6 +79,7 @@ def densenet121_cifar(num_classes: int = 10) -> nn.Module:
     (conv + linear weights alone are 6.87M). torchvision's _DenseLayer/_Transition modules are
     kept, so deploy() gathers their BatchNorms, and the state-dict keys are torchvision's
     (``features.pool0`` is an Identity holding nothing)."""
+    import torchvision
     model = torchvision.models.DenseNet(growth_rate=32, block_config=(6, 12, 24, 16),
                                         num_init_features=64, bn_size=4, drop_rate=0,
                                         num_classes=num_classes)
@@ -86,6 +88,19 @@ def densenet121_cifar(num_classes: int = 10) -> nn.Module:
     model.features.conv0 = conv0
     model.features.pool0 = nn.Identity()
     return _tag(model, "densenet121_cifar", num_classes=num_classes)
+
+
+_PRETTY = (("resnet", "ResNet"), ("densenet", "DenseNet"), ("vgg", "VGG"), ("lenet", "LeNet-"),
+           ("alexnet", "AlexNet"))
+
+
+def pretty_arch(arch: str) -> str:
+    """resnet50 -> ResNet50, densenet121_cifar -> DenseNet121, lenet5 -> LeNet-5."""
+    base = arch.split("_")[0]
+    for prefix, name in _PRETTY:
+        if base.startswith(prefix):
+            return name + base[len(prefix):]
+    return arch
 
 
 # input size each architecture is counted at (the paper's convention)
@@ -97,8 +112,15 @@ def input_size_of(arch: str) -> tuple[int, int, int]:
     return INPUT_SIZES.get(arch, (3, 224, 224))
 
 
+# Architectures whose builders live in a module `import sgdet` does not load (detection pulls in
+# torchvision's detection models): imported on first use, so a saved detector still loads.
+LAZY_ARCHITECTURES: dict[str, str] = {"faster_rcnn": "sgdet.detection"}
+
+
 def build(name: str, **kwargs) -> nn.Module:
     """Build a registered architecture; an unknown name lists the choices."""
+    if name not in ARCHITECTURES and name in LAZY_ARCHITECTURES:
+        importlib.import_module(LAZY_ARCHITECTURES[name])
     if name not in ARCHITECTURES:
         raise ConfigError(f"unknown architecture {name!r}; choose from: {', '.join(sorted(ARCHITECTURES))}")
     try:

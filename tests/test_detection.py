@@ -13,12 +13,12 @@ import torch
 from PIL import Image, ImageDraw
 
 import sgdet
-from sgdet.backbones import (BACKBONE_REGISTRY, PooledRoIHead, SingleFeatureBackbone,
+from sgdet.detection.backbones import (BACKBONE_REGISTRY, PooledRoIHead, SingleFeatureBackbone,
                              build_backbone, registered_backbones)
 from sgdet.detection import build_faster_rcnn, detector_counts
-from sgdet.detection_data import (DATASET_CATALOG, COCODetection, RandomHorizontalFlip, collate,
+from sgdet.detection.datasets import (DATASET_CATALOG, COCODetection, RandomHorizontalFlip, collate,
                                   get_dataset, register_coco_dataset)
-from sgdet.detection_eval import evaluate_coco, format_table6, format_table6_row, predict
+from sgdet.detection.evaluation import evaluate_coco, format_table6, format_table6_row, predict
 
 CATEGORIES = [{"id": 3, "name": "box"}, {"id": 7, "name": "disc"}]
 
@@ -121,7 +121,7 @@ def test_user_backbone_trains_in_faster_rcnn(tiny_backbone):
 def test_registry_docstring_example_headless_backbone():
     """The example of sgdet/backbones/registry.py's docstring: a backbone without a box head gets
     torchvision's TwoMLPHead over its single map."""
-    import sgdet.backbones.registry as registry
+    import sgdet.detection.backbones.registry as registry
     source = registry.__doc__.split("::")[1]
     example = "\n".join(line[4:] for line in source.splitlines())
     namespace: dict = {}

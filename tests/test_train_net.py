@@ -16,9 +16,9 @@ import pytest
 import torch
 
 import sgdet
-from detection import engine
-from detection.config import get_defaults
-from detection.shapes import make_shapes_dataset
+from sgdet.detection.config import get_defaults, validate_config
+from sgdet.detection.trainer import DetectionTrainer
+from sgdet.detection.shapes import make_shapes_dataset
 from sgdet.config import load_config
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -83,13 +83,13 @@ def test_train_crash_resume_then_eval_only(data, tmp_path, monkeypatch, capsys):
     argv = ["--config-file", config, *_opts(root, out, weights)]
 
     # crash right after the checkpoint written at iteration 2 of epoch 2 (a kill at that moment)
-    real_save = engine.DetectionTrainer.save_checkpoint
+    real_save = DetectionTrainer.save_checkpoint
 
     def save_then_crash(self, *args, **kwargs):
         real_save(self, *args, **kwargs)
         if self.state["epoch"] == 1 and self.state.get("iteration") == 2:
             raise Crash()
-    monkeypatch.setattr(engine.DetectionTrainer, "save_checkpoint", save_then_crash)
+    monkeypatch.setattr(DetectionTrainer, "save_checkpoint", save_then_crash)
     with pytest.raises(Crash):
         train_net.main(argv)
     monkeypatch.undo()
@@ -138,11 +138,12 @@ def test_train_crash_resume_then_eval_only(data, tmp_path, monkeypatch, capsys):
 
 
 def test_every_shipped_config_loads_and_validates():
-    configs = sorted(glob.glob(os.path.join(ROOT, "configs", "*.yaml")))
+    configs = sorted(glob.glob(os.path.join(ROOT, "configs", "detection", "*.yaml")))
     assert len(configs) >= 6
+    configs.append(os.path.join(ROOT, "configs", "faster_rcnn_sg_r50.yaml"))   # the documented path
     for path in configs:
         cfg = load_config(get_defaults(), path)
-        engine.validate_config(cfg)
+        validate_config(cfg)
     base = _config()
     assert (base.SOLVER.IMS_PER_BATCH, base.SOLVER.BASE_LR, base.SOLVER.EPOCHS) == (16, 0.01, 10)
     assert list(base.INPUT.MIN_SIZE_TEST) == [300, 600]
@@ -219,7 +220,7 @@ def test_launch_flag_errors(capsys):
 def test_detectron2_registry_builds_sg_backbones(data):
     from detectron2.config import get_cfg
     from detectron2.modeling import BACKBONE_REGISTRY, build_backbone
-    import sgdet.backbones.detectron2_compat as compat
+    import sgdet.detection.backbones.detectron2_compat as compat
     _, weights = data
     cfg = get_cfg()
     compat.add_sg_config(cfg)

@@ -6,13 +6,13 @@
     python tools/train_net.py --config-file ... --eval-only MODEL.WEIGHTS out/model_final.pth
     python tools/train_net.py --config-file ... --resume
 
-Thin: parses the flags and hands over to detection.commands. Errors print one line, exit 2."""
+Thin: parses the flags and hands over to sgdet.detection.commands. Errors print one line, exit 2."""
 import os
 import sys
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # run from a checkout
 
-from detection.launch import default_argument_parser, launch  # noqa: E402
+from sgdet.engine.launch import default_argument_parser, launch  # noqa: E402
 from sgdet.errors import run_entry_point  # noqa: E402
 
 
@@ -22,7 +22,7 @@ def main(argv=None):
         if flag in args.opts:
             args.opts.remove(flag)
             setattr(args, flag[2:].replace("-", "_"), True)
-    from detection import commands
+    from sgdet.detection import commands
     return run_entry_point("train_net.py", lambda: launch(
         commands.main, args.num_gpus, args.num_machines, args.machine_rank, args.dist_url, args))
 

@@ -1,9 +1,3 @@
-"""Detection backbones cut from (compressed) classification networks, one family per file, and
-their registry (detectron2 style). See :mod:`sgdet.backbones.registry` for the contract and for
-registering your own."""
-from .common import FPNBackbone, PooledRoIHead, SingleFeatureBackbone, load_classifier
-from .registry import BACKBONE_REGISTRY, Backbone, build_backbone, registered_backbones
-from . import densenet, resnet  # noqa: F401  (register the built-in backbones)
-
-__all__ = ["BACKBONE_REGISTRY", "Backbone", "build_backbone", "registered_backbones",
-           "SingleFeatureBackbone", "FPNBackbone", "PooledRoIHead", "load_classifier"]
+"""Kept for the README's old name ``sgdet.backbones.detectron2_compat``: the detection backbones
+now live in sgdet.detection.backbones. Importing this loads the detection code."""
+from ..detection.backbones import *  # noqa: F401,F403

@@ -3,10 +3,10 @@ that every loader, the trainer and pycocotools read exactly as they read COCO. T
 ``make detection-demo`` use it, since no detection dataset can be downloaded here."""
 from __future__ import annotations
 
-import json
 import os
 
 import torch
+from sgdet.files import write_json
 
 CATEGORIES = [{"id": 1, "name": "rectangle"}, {"id": 2, "name": "disc"}, {"id": 3, "name": "triangle"}]
 
@@ -63,8 +63,6 @@ def make_shapes_dataset(folder: str | os.PathLike, n_images: int = 64, size: int
         image.save(os.path.join(images_dir, name))
         images.append({"id": i + 1, "file_name": name, "width": size, "height": size})
     json_file = os.path.join(folder, json_name)
-    tmp = json_file + ".tmp"
-    with open(tmp, "w") as handle:
-        json.dump({"images": images, "annotations": annotations, "categories": categories}, handle)
-    os.replace(tmp, json_file)
+    write_json(json_file, {"images": images, "annotations": annotations, "categories": categories},
+               indent=None)
     return json_file, images_dir

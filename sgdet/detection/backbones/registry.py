@@ -5,7 +5,7 @@ an ``OrderedDict`` of feature maps, as torchvision's detection models expect; it
 ``out_channels`` (the channels every returned map has, which torchvision's RPN and RoI pooler read)
 and ``output_shape()`` ({feature name: (channels, stride)}). A backbone in the paper's C4 layout
 also carries ``box_head``: the last stage of the classification network, run on each pooled RoI
-(see :class:`sgdet.backbones.common.PooledRoIHead`); FPN backbones have ``box_head = None`` and
+(see :class:`sgdet.detection.backbones.common.PooledRoIHead`); FPN backbones have ``box_head = None`` and
 use torchvision's standard two-layer MLP head.
 
 Registering your own backbone (the function's name is its registry name); with a ``box_head``
@@ -13,7 +13,7 @@ Registering your own backbone (the function's name is its registry name); with a
 TwoMLPHead runs on the RoIAligned maps::
 
     import torch, sgdet
-    from sgdet.backbones import BACKBONE_REGISTRY, SingleFeatureBackbone, build_backbone
+    from sgdet.detection.backbones import BACKBONE_REGISTRY, SingleFeatureBackbone, build_backbone
 
     @BACKBONE_REGISTRY.register()
     def my_tiny_backbone(weights=None, **kwargs):
@@ -31,7 +31,7 @@ import torch
 from fvcore.common.registry import Registry
 from torch import nn
 
-from ..errors import ConfigError
+from ...errors import ConfigError
 
 BACKBONE_REGISTRY = Registry("SG_BACKBONE")
 BACKBONE_REGISTRY.__doc__ = """Registry of detection backbones: ``fn(weights=None, **kwargs) -> Backbone``,

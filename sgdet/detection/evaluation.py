@@ -10,9 +10,9 @@ from typing import Iterable, Mapping, Sequence
 
 import torch
 
-from .checkpoint import plain
-from .counting import format_count
-from .errors import ConfigError
+from ..checkpoint import plain
+from ..counting import format_count
+from ..errors import ConfigError
 
 METRICS = ("AP", "AP50", "AP75", "APs", "APm", "APl")
 
@@ -21,7 +21,7 @@ def _coco_and_mapping(coco_gt, label_to_category):
     """(pycocotools COCO, {contiguous label: category id}) from a COCO, a json path or a dataset."""
     mapping = label_to_category
     if isinstance(coco_gt, (str, os.PathLike)):
-        from .detection_data import _read_json, _validate
+        from .datasets import _read_json, _validate
         from pycocotools.coco import COCO
         path = os.fspath(coco_gt)
         data = _read_json(path)
@@ -78,7 +78,7 @@ def predict(model: torch.nn.Module, dataset, batch_size: int = 2,
     original image's pixels, ready for :func:`evaluate_coco`."""
     from torch.utils.data import DataLoader
     from tqdm.auto import tqdm
-    from .detection_data import collate
+    from .datasets import collate
     loader = dataset if isinstance(dataset, DataLoader) else DataLoader(
         dataset, batch_size=batch_size, collate_fn=collate)
     was_training = model.training
@@ -102,7 +102,7 @@ def evaluate_coco(detections, coco_gt, label_to_category: Mapping[int, int] | No
 
     ``detections``: {image_id: output} or (image_id, output) pairs, ``output`` as FasterRCNN returns
     it in eval mode (boxes xyxy in original-image pixels, contiguous labels). ``coco_gt``: a
-    pycocotools COCO, a COCO json path, or a :class:`~sgdet.detection_data.COCODetection` (whose
+    pycocotools COCO, a COCO json path, or a :class:`~sgdet.detection.datasets.COCODetection` (whose
     label mapping is then used). ``label_to_category``: contiguous label -> COCO category id
     (default: sorted category ids, the datasets' rule). ``output_json``: also write the COCO result
     list there. ``image_ids``: evaluate only these images (default: every image of ``coco_gt``,

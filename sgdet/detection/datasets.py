@@ -33,7 +33,7 @@ from typing import Callable, Sequence
 import torch
 from torch.utils.data import ConcatDataset, Dataset
 
-from .errors import ConfigError, DatasetError
+from ..errors import ConfigError, DatasetError
 
 #: name -> list of (json_file, image_root); relative paths are resolved under the datasets root.
 DATASET_CATALOG: dict[str, list[tuple[str, str]]] = {}
@@ -154,7 +154,7 @@ class COCODetection(Dataset):
 
     @property
     def coco(self):
-        """The json as a pycocotools ``COCO`` (for :func:`sgdet.detection_eval.evaluate_coco`)."""
+        """The json as a pycocotools ``COCO`` (for :func:`sgdet.detection.evaluation.evaluate_coco`)."""
         if self._coco is None:
             from pycocotools.coco import COCO
             coco = COCO()

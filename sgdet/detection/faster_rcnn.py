@@ -8,7 +8,7 @@ Layouts:
   level (sizes 32..512, ratios 0.5/1/2: 15 anchors per position); faster-rcnn.pytorch's RPN head
   (3x3 conv to 512, :class:`C4RPNHead`); RoIAlign on ``'0'`` to
   ``roi_size`` x ``roi_size`` (14, Detectron's C4; faster-rcnn.pytorch uses 7); the backbone's
-  last stage as the box head (a :class:`~sgdet.backbones.PooledRoIHead`, 2048-d for ResNet50,
+  last stage as the box head (a :class:`~sgdet.detection.backbones.PooledRoIHead`, 2048-d for ResNet50,
   1920-d for DenseNet201) and a FastRCNNPredictor.
 - FPN (``*_fpn``): torchvision's standard FPN path (five anchor levels, MultiScaleRoIAlign over
   ``'0'..'3'`` to 7x7, TwoMLPHead of 1024).
@@ -25,10 +25,9 @@ from torchvision.models.detection.faster_rcnn import FastRCNNPredictor
 from torchvision.ops import MultiScaleRoIAlign
 
 from .backbones import build_backbone
-from .counting import count_flops, count_params
-from .errors import ConfigError
-from .layers import is_sg_layer
-from .models import register_arch
+from ..counting import count_flops, count_params
+from ..errors import ConfigError
+from ..models import register_arch
 
 
 def build_faster_rcnn(backbone_name: str, num_classes: int, weights: str | None = None,
@@ -37,7 +36,7 @@ def build_faster_rcnn(backbone_name: str, num_classes: int, weights: str | None 
     """A torchvision ``FasterRCNN`` over the registered backbone ``backbone_name``.
 
     ``num_classes`` counts the background (COCO: 81). ``weights``: the classification checkpoint
-    the backbone is cut from (see :func:`sgdet.backbones.build_backbone`). ``min_size`` /
+    the backbone is cut from (see :func:`sgdet.detection.backbones.build_backbone`). ``min_size`` /
     ``max_size``: the input resolution (the paper's 300 and 600 runs: ``min_size=300`` / ``600``).
     ``backbone_kwargs`` go to the backbone builder (``deploy=True`` for the deployed form,
     ``freeze_at``, ``freeze_bn``); other keywords go to ``FasterRCNN``."""
@@ -91,17 +90,6 @@ def faster_rcnn(backbone_name: str, num_classes: int, backbone_kwargs: dict | No
     :func:`build_faster_rcnn` like any classification network."""
     return build_faster_rcnn(backbone_name, num_classes, weights=None,
                              backbone_kwargs=backbone_kwargs, **kw)
-
-
-@torch.no_grad()
-def zero_pruned(model: nn.Module) -> int:
-    """Re-zero the pruned weights of every SG layer (after an optimiser step); returns how many
-    SG layers there are. The masked forward already gives pruned weights zero gradient, so with
-    SGD/Adam and zero-initialised pruned slots this is a safeguard, not a necessity."""
-    layers = [m for m in model.modules() if is_sg_layer(m)]
-    for layer in layers:
-        layer.zero_pruned_()
-    return len(layers)
 
 
 class C4RPNHead(nn.Module):

@@ -4,10 +4,10 @@
 2. compresses a ResNet50 with self-grouping (Conv-60/FC-60, g=16, one shot; no ImageNet weights
    can be had here, so the grouping runs on its random initialisation) and saves it;
 3. trains Faster R-CNN over that SG-ResNet50 (C4 layout) with tools/train_net.py's code path and
-   configs/faster_rcnn_sg_r50_shapes_demo.yaml, evaluating COCO AP after every epoch;
+   configs/detection/faster_rcnn_sg_r50_shapes_demo.yaml, evaluating COCO AP after every epoch;
 4. checks that no pruned connection came back, and plots AP / AP50 per epoch (ap_curve.png).
 
-    python -m detection.demo --out out/detection_demo [--epochs 8] [--threads N]
+    python -m sgdet.detection.demo --out out/detection_demo [--epochs 8] [--threads N]
 """
 from __future__ import annotations
 
@@ -17,8 +17,8 @@ import os
 import sys
 import time
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-CONFIG = os.path.join(ROOT, "configs", "faster_rcnn_sg_r50_shapes_demo.yaml")
+ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))   # the repository
+CONFIG = os.path.join(ROOT, "configs", "detection", "faster_rcnn_sg_r50_shapes_demo.yaml")
 
 
 def prepare(out: str, n_train: int = 192, n_val: int = 48) -> str:
@@ -26,7 +26,7 @@ def prepare(out: str, n_train: int = 192, n_val: int = 48) -> str:
     import torch
 
     import sgdet
-    from detection.shapes import make_shapes_dataset
+    from sgdet.detection.shapes import make_shapes_dataset
     data = os.path.join(out, "data")
     if not os.path.isfile(os.path.join(data, "train", "instances.json")):
         make_shapes_dataset(os.path.join(data, "train"), n_train, 96, min_side=12, max_side=40, seed=0)
@@ -97,8 +97,9 @@ def run(args) -> dict:
     import torch
     if args.threads:
         torch.set_num_threads(args.threads)
-    from detection import commands
-    from detection.launch import default_argument_parser
+    from sgdet.detection import commands
+    from sgdet.engine.launch import default_argument_parser
+    from sgdet.files import write_json
     out = os.path.abspath(args.out)
     started = time.time()
     weights = prepare(out)
@@ -115,9 +116,7 @@ def run(args) -> dict:
                "per_epoch": [{"epoch": r["epoch"], "loss": r["loss"],
                               **{f"AP50@{s}": m["AP50"] for s, m in r["eval"].items()},
                               **{f"AP@{s}": m["AP"] for s, m in r["eval"].items()}} for r in curve]}
-    with open(os.path.join(out, "summary.json.tmp"), "w") as handle:
-        json.dump(summary, handle, indent=1)
-    os.replace(os.path.join(out, "summary.json.tmp"), os.path.join(out, "summary.json"))
+    write_json(os.path.join(out, "summary.json"), summary)
     print(f"\n{len(curve)} epochs in {summary['seconds']:.0f} s; AP50 per epoch at the largest size: "
           + ", ".join(f"{max(r['eval'].items(), key=lambda kv: int(kv[0]))[1]['AP50']:.1f}" for r in curve))
     print(f"{layers} SG layers kept their masks and groups; pruned weights are still zero")
@@ -127,7 +126,7 @@ def run(args) -> dict:
 
 
 def main(argv=None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m detection.demo", description=__doc__.split("\n\n")[0])
+    parser = argparse.ArgumentParser(prog="python -m sgdet.detection.demo", description=__doc__.split("\n\n")[0])
     parser.add_argument("--out", default="out/detection_demo", help="output folder")
     parser.add_argument("--epochs", type=int, default=8, help="training epochs (24 iterations each)")
     parser.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
@@ -140,7 +139,7 @@ def main(argv=None) -> int:
         if args.epochs < 1:
             raise ConfigError(f"--epochs must be >= 1, got {args.epochs}")
         return run(args)
-    return run_entry_point("detection.demo", action)
+    return run_entry_point("sgdet.detection.demo", action)
 
 
 if __name__ == "__main__":

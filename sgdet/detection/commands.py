@@ -5,15 +5,15 @@ from __future__ import annotations
 
 import logging
 
-from classification.commands import session
-from classification.engine import seed_everything
 from sgdet.config import load_config
+from sgdet.engine.cli import session
+from sgdet.engine.rng import seed_everything
 
-from .config import get_defaults
-from .engine import (DetectionTrainer, build_datasets, build_detector, detector_label, num_classes_of,
-                     validate_config)
+from .build import build_datasets, build_detector, detector_label, num_classes_of
+from .config import get_defaults, validate_config
+from .trainer import DetectionTrainer
 
-log = logging.getLogger("detection")
+log = logging.getLogger("sgdet.detection")
 
 
 def setup(args):

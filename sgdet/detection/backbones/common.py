@@ -14,30 +14,18 @@ from torch import nn
 from torchvision.models.detection.backbone_utils import BackboneWithFPN
 from torchvision.ops.feature_pyramid_network import LastLevelMaxPool
 
-from ..errors import CheckpointError, ConfigError
-from ..layers import is_sg_layer
+from ...checkpoint import peek
+from ...errors import CheckpointError, ConfigError
+from ...layers import is_sg_layer
 from .registry import Backbone
 
 _BN_TYPES = (nn.BatchNorm2d,)
 
 
-def _sg_checkpoint_arch(path: str):
-    """The ``arch`` entry ({'name', 'kwargs'}) of an sgdet checkpoint, {} when it names none, or
-    None when ``path`` is not an sgdet checkpoint (then it is read as a plain state dict)."""
-    from ..checkpoint import FORMAT
-    try:
-        blob = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
-    except Exception:
-        return None             # unreadable: let the dense loader report it
-    if not (isinstance(blob, dict) and blob.get("format") == FORMAT):
-        return None
-    return blob.get("arch") or {}
-
-
 def _skeleton(arch: dict) -> nn.Module | None:
     """The registered network ``arch`` names, allocated but not initialised (every tensor is
     overwritten by the checkpoint: random init of a ResNet50 would cost more than the load)."""
-    from ..models import ARCHITECTURES, build
+    from ...models import ARCHITECTURES, build
     if not arch or arch.get("name") not in ARCHITECTURES:
         return None
     with torch.device("meta"):
@@ -55,16 +43,17 @@ def load_classifier(arch: str, weights: str | os.PathLike | None, masked: bool,
     backbone is an SG one: a dense network gets full masks (``sgdet.convert``) so it can be
     compressed later; a dense backbone refuses a masked checkpoint (name the ``sg_`` backbone).
     ``deploy``: return the deployed (diverse group convolution) form, for inference."""
-    from .. import checkpoint, models
-    from ..compress import convert
-    from ..deploy import deploy as deploy_model
+    from ... import checkpoint, models
+    from ...compress import convert
+    from ...deploy import deploy as deploy_model
     if weights is None:
         model = models.build(arch)
     else:
         path = os.fspath(weights)
         if not os.path.isfile(path):
             raise CheckpointError(f"backbone weights not found: {path}")
-        arch_entry = _sg_checkpoint_arch(path)
+        header = peek(path)          # None: read as a plain state dict
+        arch_entry = None if header is None else (header.get("arch") or {})
         if arch_entry is not None:
             model = checkpoint.load(path, model=_skeleton(arch_entry))
             if not isinstance(model, family):
