@@ -1,0 +1,272 @@
+"""Tests the native kernel stage (sgdet.deploy.native) on its own: conv2d / linear equal
+F.conv2d / F.linear on the dense masked weight for every ISA this CPU runs and every tile
+variant (kernel sizes 1-7, stride 1-2, padding, dilation, odd maps, one-filter and input-less
+groups, overlapping index lists, permuted outputs, folded BN, residual, ReLU); ISA forcing and
+refusal; torch.compile, torch.export and torch.jit.trace see the op."""
+from __future__ import annotations
+
+import os
+import random
+import subprocess
+import sys
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from sgdet.deploy import native
+
+if not native.available():
+    pytest.skip(f"native kernel unavailable: {native.unavailable_reason()}", allow_module_level=True)
+
+VARIANTS = range(4)
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+@pytest.fixture(params=native.isas())
+def isa(request):
+    native.set_isa(request.param)
+    yield request.param
+    native.set_isa(None)
+
+
+def random_layer(rng: random.Random, cin: int, cout: int, k: int, *, empty_group: bool = True):
+    """Groups of unequal sizes reading random overlapping channel subsets: one group of a single
+    filter, one (optionally) reading nothing, one wider than a packed tile when cout allows."""
+    sizes = [1]
+    left = cout - 1
+    if left > 30 and rng.random() < 0.5:
+        sizes.append(27)   # two packed tiles: 24 + 3
+        left -= 27
+    while left > 0:
+        o = min(left, rng.randint(1, 9))
+        sizes.append(o)
+        left -= o
+    rng.shuffle(sizes)
+    ws, idx = [], []
+    for g, o in enumerate(sizes):
+        kg = 0 if empty_group and g == 1 else rng.randint(1, cin)
+        chans = rng.sample(range(cin), kg)
+        if kg > 2 and rng.random() < 0.2:
+            chans[-1] = chans[0]   # a channel read twice by one group
+        idx.append(torch.tensor(chans, dtype=torch.long))
+        ws.append(torch.randn(o, kg, k, k))
+    perm = list(range(cout))
+    rng.shuffle(perm)
+    return ws, idx, torch.tensor(perm)
+
+
+def dense_weight(ws, idx, oc, cin, cout):
+    """The masked dense weight: zeros except each filter's own channels, rows at out_channel."""
+    rows = []
+    for w, i in zip(ws, idx):
+        d = torch.zeros(w.shape[0], cin, *w.shape[2:])
+        d.index_add_(1, i, w)
+        rows.append(d)
+    dense = torch.zeros(cout, cin, *ws[0].shape[2:])
+    dense[oc] = torch.cat(rows)
+    return dense
+
+
+def scatter(values, oc, cout):
+    out = torch.zeros(cout)
+    out[oc] = values
+    return out
+
+
+def close(a, b):
+    return torch.allclose(a, b, rtol=1e-4, atol=1e-4 * max(1.0, float(b.abs().max())))
+
+
+def conv_cases():
+    """Kernel size x stride x dilation, each with a seeded random padding, map, batch, width."""
+    rng = random.Random(1234)
+    maps = [(7, 9), (13, 13), (1, 1), (5, 3), (9, 7), (16, 17), (3, 11)]
+    for k in (1, 3, 5, 7):
+        for stride in (1, 2):
+            for dil in (1, 2):
+                pad = rng.randint(0, k // 2)
+                h, w = rng.choice(maps)
+                # grow the map until the kernel fits (1x1 maps stay for the small kernels)
+                while h + 2 * pad < dil * (k - 1) + 1 or w + 2 * pad < dil * (k - 1) + 1:
+                    h, w = h + 2, w + 2
+                yield dict(k=k, stride=stride, dil=dil, pad=pad, h=h, w=w, n=rng.randint(1, 3),
+                           cin=rng.choice([3, 19, 37]), cout=rng.choice([5, 29, 50]),
+                           seed=rng.randrange(1 << 30))
+
+
+CASES = list(conv_cases())
+
+
+def test_cases_cover_the_grid():
+    assert {(c["k"], c["stride"], c["dil"]) for c in CASES} == {
+        (k, s, d) for k in (1, 3, 5, 7) for s in (1, 2) for d in (1, 2)}
+    assert any(c["h"] == 1 and c["w"] == 1 for c in CASES)
+
+
+@torch.no_grad()
+def test_conv2d_equals_dense(isa):
+    for case in CASES:
+        rng = random.Random(case["seed"])
+        torch.manual_seed(case["seed"])
+        cin, cout, k = case["cin"], case["cout"], case["k"]
+        ws, idx, oc = random_layer(rng, cin, cout, k)
+        bias = torch.randn(cout) if rng.random() < 0.7 else None
+        bn = rng.random() < 0.5
+        scale, shift = (torch.rand(cout) + 0.5, torch.randn(cout)) if bn else (None, None)
+        packed = native.pack_conv(ws, idx, oc, bias, scale=scale, shift=shift)
+        x = torch.randn(case["n"], cin, case["h"], case["w"])
+        geometry = dict(stride=case["stride"], padding=case["pad"], dilation=case["dil"])
+        ref = F.conv2d(x, dense_weight(ws, idx, oc, cin, cout),
+                       None if bias is None else scatter(bias, oc, cout), **geometry)
+        if bn:
+            ref = ref * scatter(scale, oc, cout).view(1, -1, 1, 1) + scatter(shift, oc, cout).view(1, -1, 1, 1)
+        residual = torch.randn_like(ref)
+        for variant in VARIANTS:
+            where = f"{isa} variant {variant} case {case}"
+            y = native.conv2d(x, packed, variant=variant, **geometry)
+            assert y.shape == ref.shape and y.is_contiguous(), where
+            assert close(y, ref), f"{where}: max error {(y - ref).abs().max():.3g}"
+            y = native.conv2d(x, packed, relu=True, residual=residual, variant=variant, **geometry)
+            assert close(y, (ref + residual).relu()), f"{where} (residual + relu)"
+
+
+@torch.no_grad()
+def test_asymmetric_geometry_and_strided_input(isa):
+    rng = random.Random(7)
+    ws, idx, oc = random_layer(rng, 21, 30, 3)
+    packed = native.pack_conv(ws, idx, oc)
+    big = torch.randn(2, 30, 11, 8)
+    x = big[:, 4:25]                  # channel slice: planes contiguous, image stride larger
+    dense = dense_weight(ws, idx, oc, 21, 30)
+    for geometry in (dict(stride=(1, 2), padding=(0, 1), dilation=(2, 1)),
+                     dict(stride=(2, 1), padding=(1, 0), dilation=(1, 1)),
+                     dict(stride=3, padding=1, dilation=1)):
+        ref = F.conv2d(x, dense, **geometry)
+        for variant in VARIANTS:
+            assert close(native.conv2d(x, packed, variant=variant, **geometry), ref), (isa, geometry)
+    # wide maps: several vectors per output row (the row layout's segments)
+    wide = torch.randn(1, 21, 6, 75)
+    for geometry in (dict(stride=2, padding=1), dict(stride=1, padding=0), dict(stride=(1, 2))):
+        ref = F.conv2d(wide, dense, **geometry)
+        for variant in VARIANTS:
+            assert close(native.conv2d(wide, packed, variant=variant, **geometry), ref), (isa, geometry)
+    cl = x.contiguous(memory_format=torch.channels_last)   # rows not contiguous: copied
+    assert close(native.conv2d(cl, packed, padding=1), F.conv2d(x, dense, padding=1))
+
+
+@torch.no_grad()
+def test_linear_equals_dense(isa):
+    rng = random.Random(3)
+    for n, cin, cout in ((1, 9, 5), (5, 40, 33), (37, 19, 50)):
+        ws, idx, oc = random_layer(rng, cin, cout, 1)
+        bias = torch.randn(cout)
+        packed = native.pack_conv([w[:, :, 0, 0] for w in ws], idx, oc, bias)
+        x = torch.randn(n, cin)
+        ref = F.linear(x, dense_weight(ws, idx, oc, cin, cout)[:, :, 0, 0], scatter(bias, oc, cout))
+        for variant in VARIANTS:
+            assert close(native.linear(x, packed, variant=variant), ref), (isa, n, variant)
+            assert close(native.linear(x, packed, relu=True, variant=variant), ref.relu())
+    assert native.linear(torch.randn(2, 3, cin), packed).shape == (2, 3, cout)
+
+
+@torch.no_grad()
+def test_unwritten_channels_are_zero_or_residual():
+    ws, idx = [torch.randn(2, 3, 3, 3)], [torch.tensor([0, 2, 1])]
+    packed = native.pack_conv(ws, idx, torch.tensor([4, 1]))     # channels 0, 2, 3 unwritten
+    x = torch.randn(1, 3, 5, 5)
+    y = native.conv2d(x, packed, padding=1, out_channels=7)
+    assert y.shape == (1, 7, 5, 5)
+    assert y[:, [0, 2, 3, 5, 6]].abs().max() == 0
+    res = torch.randn_like(y)
+    y = native.conv2d(x, packed, padding=1, out_channels=7, residual=res, relu=True)
+    assert torch.equal(y[:, [0, 2, 3, 5, 6]], res[:, [0, 2, 3, 5, 6]].relu())
+    assert native.conv2d(x, packed, padding=1).shape == (1, 5, 5, 5)   # max(out_channel) + 1
+
+
+def test_packing_is_deterministic_and_plain():
+    rng = random.Random(0)
+    ws, idx, oc = random_layer(rng, 30, 40, 3)
+    a = native.pack_conv(ws, idx, oc, torch.ones(40))
+    b = native.pack_conv(ws, idx, oc, torch.ones(40))
+    assert a.keys() == b.keys() and all(torch.equal(a[key], b[key]) for key in a)
+    assert all(type(v) is torch.Tensor for v in a.values())
+    assert a["weight"].shape == (3, 3, sum(w.shape[0] * w.shape[1] for w in ws))
+    with pytest.raises(ValueError, match="distinct"):
+        native.pack_conv(ws, idx, torch.zeros(40, dtype=torch.long))
+    with pytest.raises(ValueError, match="channels"):
+        native.pack_conv(ws, [i[:-1] if len(i) else i for i in idx], oc)
+
+
+def test_errors_are_clear():
+    packed = native.pack_conv([torch.randn(2, 2, 1, 1)], [torch.tensor([0, 1])], torch.tensor([0, 1]))
+    x = torch.randn(1, 2, 4, 4, requires_grad=True)
+    with pytest.raises(RuntimeError, match="inference-only"):
+        native.conv2d(x, packed)
+    with torch.no_grad():
+        with pytest.raises(RuntimeError, match="out of range"):
+            native.conv2d(torch.randn(1, 1, 4, 4), packed)      # channel 1 missing
+        with pytest.raises(ValueError, match="variant"):
+            native.conv2d(x, packed, variant=4)
+        assert native.conv2d(x, packed).shape == (1, 2, 4, 4)
+    with pytest.raises(ValueError, match="unknown ISA"):
+        native.set_isa("sse9")
+    assert native.isa() == native.isas()[0]
+    assert all(len(native.variants(name)) == 4 for name in native.isas())
+
+
+def test_lacking_isa_is_refused():
+    """SGDET_NATIVE_HIDE makes a process see a CPU without AVX-512 / AVX2."""
+    code = ("from sgdet.deploy import native as n\n"
+            "print(n.isas(), n.isa())\n"
+            "try:\n    n.set_isa('avx512')\nexcept ValueError as e:\n    print('refused:', e)\n")
+    env = dict(os.environ, SGDET_NATIVE_HIDE="avx512,avx2", SGDET_NATIVE_ISA="avx2")
+    out = subprocess.run([sys.executable, "-c", code], env=env, cwd=REPO, capture_output=True,
+                         text=True, timeout=120)
+    assert out.returncode == 0, out.stderr
+    assert "['portable'] portable" in out.stdout
+    assert "refused: this CPU lacks the avx512" in out.stdout
+    assert "SGDET_NATIVE_ISA ignored" in out.stderr
+
+
+class _Tiny(nn.Module):
+    """Two native layers (a strided 3x3 with relu, a 1x1 with a residual) as module buffers."""
+
+    def __init__(self):
+        super().__init__()
+        rng = random.Random(5)
+        for name, (cin, cout, k) in (("a", (6, 10, 3)), ("b", (10, 10, 1))):
+            ws, idx, oc = random_layer(rng, cin, cout, k)
+            for key, value in native.pack_conv(ws, idx, oc, torch.randn(cout)).items():
+                self.register_buffer(f"{name}_{key}", value)
+
+    def packed(self, name):
+        return {key[2:]: value for key, value in self.named_buffers() if key.startswith(name + "_")}
+
+    def forward(self, x):
+        a = self.packed("a")
+        y = torch.ops.sgdet.diverse_conv2d(x, a["weight"], a["bias"], a["in_index"], a["groups"],
+                                           a["out_channel"], [2, 2], [1, 1], [1, 1], 10, True,
+                                           None, 0)
+        return native.conv2d(y, self.packed("b"), relu=True, residual=y)
+
+
+@pytest.mark.filterwarnings("ignore::FutureWarning")   # torch.jit's deprecation notices
+@torch.no_grad()
+def test_compile_export_and_trace(tmp_path):
+    model, x = _Tiny().eval(), torch.randn(2, 6, 9, 9)
+    ref = model(x)
+    for backend in ("aot_eager", "inductor"):
+        torch._dynamo.reset()
+        out = torch.compile(model, backend=backend, fullgraph=True)(x)
+        assert torch.allclose(out, ref, atol=1e-5), backend
+    exported = torch.export.export(model, (x,))
+    ops = [str(n.target) for n in exported.graph.nodes if n.op == "call_function"]
+    assert ops.count("sgdet.diverse_conv2d.default") == 2, ops
+    assert torch.allclose(exported.module()(x), ref, atol=1e-5)
+    traced = torch.jit.trace(model, (x,))
+    assert "sgdet::diverse_conv2d" in str(traced.graph)
+    path = str(tmp_path / "tiny.pt")
+    traced.save(path)
+    assert torch.allclose(torch.jit.load(path)(x), ref, atol=1e-5)
