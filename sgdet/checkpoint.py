@@ -17,6 +17,8 @@ import torch
 from torch import nn
 
 from .deploy import DiverseGroupConv2d, DiverseGroupLinear, GatheredBatchNorm2d
+from .deploy.fusion import relink
+from .deploy.modules import FoldedBatchNorm2d
 from .errors import CheckpointError, ConfigError
 from .files import torch_save
 from .layers import SGConv2d, SGLinear, is_sg_layer
@@ -25,7 +27,7 @@ from .models import arch_of, build
 FORMAT = "sgdet-checkpoint"
 VERSION = 1
 _TYPES = {cls.__name__: cls for cls in (SGConv2d, SGLinear, DiverseGroupConv2d,
-                                        DiverseGroupLinear, GatheredBatchNorm2d)}
+                                        DiverseGroupLinear, GatheredBatchNorm2d, FoldedBatchNorm2d)}
 
 
 def layer_summary(module: nn.Module) -> dict:
@@ -179,6 +181,7 @@ def load(path: str | os.PathLike, model: nn.Module | None = None,
                 raise CheckpointError(f"{path} has a layer {name!r} that the model lacks") from None
             model.set_submodule(name, _rebuild_module(name, entry, current))
         model.load_state_dict(payload["state_dict"], strict=True)
+        relink(model)                  # folded BNs and fused blocks point at their convs again
     except CheckpointError:
         raise
     except (RuntimeError, TypeError, ValueError, KeyError) as exc:

@@ -108,7 +108,7 @@ def cmd_export(args: argparse.Namespace) -> None:
     example = torch.randn(args.batch, *size)
     if args.optimize:
         from .deploy.optimize import optimize
-        optimize(model, example if args.calibrate else None)
+        optimize(model, example if args.calibrate else None, backend=args.backend)
     info = export(model, args.out, args.format, example, opset=args.opset)
     info["deployed_params"] = count_params(model)
     if args.json:
@@ -194,7 +194,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--format", required=True, help="torchscript or onnx")
     p.add_argument("--out", required=True)
     p.add_argument("--optimize", action="store_true", help="fold permutations, drop dead channels "
-                   "and give each layer its fastest exact plan (sgdet.fast) before exporting")
+                   "and give each layer its fastest exact plan (sgdet.deploy.optimize) before exporting")
+    p.add_argument("--backend", choices=["auto", "native", "torch"], default="auto",
+                   help="with --optimize: may layers run on the native kernels (TorchScript keeps "
+                   "them as one op each; ONNX gets standard ops)? default auto: where built")
     p.add_argument("--calibrate", action="store_true", help="with --optimize: time the candidate "
                    "plans on this machine's CPU instead of using the cost model")
     p.add_argument("--input-size", type=int, nargs=3, metavar=("C", "H", "W"),

@@ -3,16 +3,18 @@
 Stages, one module each: ``convert`` (deploy(): SG layers become the exact diverse group modules
 of ``modules``, BNs gathered where ``patterns`` allows), ``optimize`` (the fast stage: folded
 permutations, dead channels, execution ``plans`` chosen with ``timing``) and ``export``
-(TorchScript / ONNX files)."""
+(TorchScript / ONNX files). ``native`` holds the C++ kernels that run diverse groups without
+gathering their inputs; the fast stage uses them where they are built."""
 from .convert import deploy
 from .export import export
-from .modules import DiverseGroupConv2d, DiverseGroupLinear, GatheredBatchNorm2d, select_channels
+from .modules import (DiverseGroupConv2d, DiverseGroupLinear, FoldedBatchNorm2d, GatheredBatchNorm2d,
+                      select_channels)
 from .optimize import capture_inputs, optimize
-from .patterns import register_bn_conv_pairs, register_conv_bn_conv
+from .patterns import register_bn_conv_pairs, register_conv_bn, register_conv_bn_conv
 from .timing import time_interleaved
 
 __all__ = [
     "deploy", "DiverseGroupConv2d", "DiverseGroupLinear", "GatheredBatchNorm2d",
     "register_bn_conv_pairs", "register_conv_bn_conv", "optimize", "export", "select_channels",
-    "time_interleaved", "capture_inputs",
+    "time_interleaved", "capture_inputs", "FoldedBatchNorm2d", "register_conv_bn",
 ]

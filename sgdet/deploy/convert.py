@@ -18,7 +18,8 @@ from .patterns import bn_conv_pairs
 
 @torch.no_grad()
 def deploy(model: nn.Module, inplace: bool = False, optimize: bool = False,
-           example_input: torch.Tensor | None = None, repeats: int = 5) -> nn.Module:
+           example_input: torch.Tensor | None = None, repeats: int = 5,
+           backend: str = "auto") -> nn.Module:
     """Convert every masked SG layer of ``model`` into its diverse group form.
 
     Returns a new model (``inplace=False``) whose outputs equal the masked model's and whose
@@ -29,7 +30,9 @@ def deploy(model: nn.Module, inplace: bool = False, optimize: bool = False,
     channels dropped, and each layer given its fastest exact execution plan, timed on
     ``example_input`` (on the model's device) where one is given, else from a cost model. A
     channels_last ``example_input`` turns the model channels_last first, so plans are timed in
-    the layout the model will run in. The report is kept as ``deployed.sgdet_fast_report``."""
+    the layout the model will run in. The report is kept as ``deployed.sgdet_fast_report``.
+    ``backend`` ("auto", "native" or "torch") says whether the native kernels of
+    sgdet.deploy.native may run layers (see sgdet.deploy.optimize)."""
     arch = arch_of(model)
     deployed = model if inplace else copy.deepcopy(model)
     if arch is not None:
@@ -59,5 +62,6 @@ def deploy(model: nn.Module, inplace: bool = False, optimize: bool = False,
         if (example_input is not None and example_input.dim() == 4 and not example_input.is_contiguous()
                 and example_input.is_contiguous(memory_format=torch.channels_last)):
             deployed = deployed.to(memory_format=torch.channels_last)   # tune in the layout it will run in
-        deployed.sgdet_fast_report = optimize_model(deployed, example_input, repeats=repeats)
+        deployed.sgdet_fast_report = optimize_model(deployed, example_input, repeats=repeats,
+                                                    backend=backend)
     return deployed

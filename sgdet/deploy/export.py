@@ -4,7 +4,10 @@ example input before the file is put in place.
 
 The exported graph holds exactly the module's tensors: for the exact deployed form those are the
 kept per-group weights (the deployed parameter count, never the dense one), for an optimised form
-the zero-filled weights of the plans it runs. Writes are atomic (temporary file, then rename)."""
+the zero-filled weights of the plans it runs. Layers on the native kernel stay one custom op
+(``sgdet::diverse_conv2d``) in TorchScript: load such a file after ``import sgdet.deploy.native``.
+ONNX has no such op: those layers are exported in their standard-op per-group form (folded
+BatchNorms then run as BNs again). Writes are atomic (temporary file, then rename)."""
 from __future__ import annotations
 
 import os
@@ -15,6 +18,8 @@ from torch import nn
 
 from ..errors import ConfigError, DependencyError, SGError
 from ..files import atomic_path
+from .modules import DiverseGroupConv2d, DiverseGroupLinear
+from .plans import is_native
 
 FORMATS = ("torchscript", "onnx")
 MIN_OPSET = 17
@@ -43,6 +48,23 @@ def _check(reference: torch.Tensor, output, what: str, rel: float = 1e-4) -> flo
     if not diff <= allowed:
         raise ExportMismatch(f"{what} differs from the model by {diff:.3g} (allowed {allowed:.3g})")
     return diff
+
+
+def _native_layers(model: nn.Module) -> list[nn.Module]:
+    return [m for m in model.modules()
+            if isinstance(m, (DiverseGroupConv2d, DiverseGroupLinear)) and is_native(m.plan)]
+
+
+def standard_ops(model: nn.Module) -> nn.Module:
+    """``model``, or a copy whose natively run layers use their per-group standard-op form."""
+    if not _native_layers(model):
+        return model
+    import copy
+    model = copy.deepcopy(model)
+    for layer in model.modules():
+        if isinstance(layer, (DiverseGroupConv2d, DiverseGroupLinear)) and is_native(layer.plan):
+            layer.set_plan(None)
+    return model
 
 
 def onnx_weight_count(path: str) -> int:
@@ -74,6 +96,12 @@ def export(model: nn.Module, path: str | os.PathLike, fmt: str, example_input: t
         raise ConfigError(f"--opset must be {MIN_OPSET} or later, got {opset}")
     if fmt == "onnx":
         _require_onnx()
+        model = standard_ops(model)
+    elif _native_layers(model):
+        # the native op has no autograd: a traced file must run in grad mode as well, so its
+        # parameters are frozen (an inference export, as torch.jit.freeze would make it)
+        import copy
+        model = copy.deepcopy(model).requires_grad_(False)
     model = model.eval()
     checks = [example_input, torch.cat([example_input, example_input[:1] * 0.5])]
     references = [model(x) for x in checks]

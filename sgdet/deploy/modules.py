@@ -12,7 +12,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..layers import SGConv2d, SGLinear
-from . import plans
+from . import native, plans
 
 
 def _group_layout(layer: nn.Module, in_map: torch.Tensor | None):
@@ -52,6 +52,8 @@ class _DiverseGroup(nn.Module):
         self.source_out = int(source_out if source_out is not None else out_features)
         self._plan = plans.normalize(plan)
         self._exec: list[tuple] = []       # fast-path pieces, rebuilt by refresh()
+        self._native: dict | None = None   # the native kernel's packed tensors (a native plan)
+        object.__setattr__(self, "_folded_bn", None)   # a FoldedBatchNorm2d (not a submodule)
         self._exec_out_name: str | None = None
         self._synced: tuple = ()
         self._reorder = True
@@ -131,8 +133,13 @@ class _DiverseGroup(nn.Module):
         self._reorder = not torch.equal(self.out_order.cpu(), torch.arange(self.out_order.numel()))
         for name in [n for n in self._buffers if n.startswith("_x")]:
             del self._buffers[name]
-        self._exec, self._exec_out_name = [], None
-        if self._plan is not None:
+        self._exec, self._exec_out_name, self._native = [], None, None
+        if plans.is_native(self._plan):
+            # packed from the weights as they are now; a layer the kernel cannot run (moved to
+            # a GPU, another dtype, extension missing at load) runs its per-group form instead
+            if plans.native_applies(self):
+                self._native = plans.compile_native(self)
+        elif self._plan is not None:
             pieces, exec_out = plans.compile_plan(self, self._plan)
             for i, (chans, weight, bias, size_in) in enumerate(pieces):
                 self.register_buffer(f"_xi{i}", chans, persistent=False)
@@ -142,9 +149,22 @@ class _DiverseGroup(nn.Module):
             if exec_out is not None:
                 self.register_buffer("_xo", exec_out, persistent=False)
                 self._exec_out_name = "_xo"
-        self._param_refs = tuple(self.parameters(recurse=False)) + tuple(self.weights)
+        self._param_refs = self._tracked()
         self._cache_exec()
         self._synced = self._versions()
+
+    def _tracked(self) -> tuple:
+        """The tensors the plan is built from: own parameters and those of a folded BN."""
+        bn = self._folded_bn
+        # running stats change inside the BN kernel without a version bump; the batch counter
+        # it increments in Python does bump, so it flags a training step
+        extra = () if bn is None else tuple(t for t in (bn.weight, bn.bias, bn.running_mean, bn.running_var,
+                                                        bn.num_batches_tracked) if t is not None)
+        return tuple(self.parameters(recurse=False)) + tuple(self.weights) + extra
+
+    def folds(self, bn: nn.Module) -> bool:
+        """Whether this call of the layer applies ``bn`` (its native kernel runs it at the store)."""
+        return self._folded_bn is bn and self._native is not None and self._fast_active()
 
     def _cache_exec(self) -> None:
         """Resolve the plan's buffers once, so a call does no attribute lookups."""
@@ -156,9 +176,11 @@ class _DiverseGroup(nn.Module):
         # .to()/.cuda()/.half() replace buffers: re-resolve the cached ones
         result = super()._apply(fn, recurse)
         if hasattr(self, "_exec_tensors"):
-            self._param_refs = tuple(self.parameters(recurse=False)) + tuple(self.weights)
+            self._param_refs = self._tracked()
             self._cache_exec()
             self._synced = self._versions()
+            if plans.is_native(self._plan):
+                self.refresh()            # repack, or drop the packing off the CPU / float32
         return result
 
     def _fast_active(self) -> bool:
@@ -172,8 +194,12 @@ class _DiverseGroup(nn.Module):
         if self._versions() != self._synced:
             self.refresh()
 
-    def _run_fast(self, x: torch.Tensor, dim: int, op) -> torch.Tensor:
+    def _run_fast(self, x: torch.Tensor, dim: int, op, **fused) -> torch.Tensor:
         self._sync()
+        if self._native is not None:
+            return self._run_native(x, **fused)
+        if plans.is_native(self._plan):
+            return self._run_groups(x, dim, op)
         pieces = self._exec_tensors
         if len(pieces) == 1 and self._exec_out is None:
             index, weight, bias, size_out, size_in = pieces[0]
@@ -212,9 +238,9 @@ class _DiverseGroup(nn.Module):
 
     def exec_macs_per_position(self) -> int:
         """Multiply-accumulates per output position of what actually runs now."""
-        if self._fast_active():
+        if self._fast_active() and not plans.is_native(self._plan):
             return sum(getattr(self, w).numel() for _, w, _, _, size_in in self._exec if size_in)
-        return sum(w.numel() for w in self.weights)
+        return sum(w.numel() for w in self.weights)      # the native kernel runs only these
 
 
 class DiverseGroupConv2d(_DiverseGroup):
@@ -276,13 +302,40 @@ class DiverseGroupConv2d(_DiverseGroup):
         # a group that kept no input channel emits its bias only: no arithmetic is spent on it
         return x.new_zeros(x.shape[0], size, *self._output_size(*x.shape[2:]))
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def _run_native(self, x: torch.Tensor, relu: bool = False, residual: torch.Tensor | None = None) -> torch.Tensor:
+        if not x.is_contiguous():
+            x = x.contiguous()
+        if residual is not None and not residual.is_contiguous():
+            residual = residual.contiguous()
+        return native.conv2d(x, self._native, self.stride, self._native_padding(x), self.dilation,
+                             out_channels=self.out_channels, relu=relu, residual=residual,
+                             variant=self._plan["variant"])
+
+    def _native_padding(self, x: torch.Tensor) -> tuple[int, int]:
+        if not isinstance(self.padding, str):
+            return tuple(self.padding)
+        if self.padding == "valid":
+            return (0, 0)
+        # "same" (stride 1): torch pads the extra pixel at the end; the kernel pads symmetrically
+        total = [d * (k - 1) for d, k in zip(self.dilation, self.kernel_size)]
+        if any(t % 2 for t in total):
+            raise ValueError("padding='same' with an even kernel extent has no native form")
+        return tuple(t // 2 for t in total)
+
+    def forward(self, x: torch.Tensor, relu: bool = False, residual: torch.Tensor | None = None) -> torch.Tensor:
+        """The convolution; ``relu(conv(x) + residual)`` when asked (fused blocks ask, and then
+        the native kernel applies both at its store, after a folded BN)."""
         if self._fast_active():
-            return self._run_fast(x, 1, self._conv)
-        y = self._run_groups(x, 1, self._conv)
-        if not x.is_contiguous() and x.is_contiguous(memory_format=torch.channels_last):
-            y = y.contiguous(memory_format=torch.channels_last)    # convs of channel slices emit NCHW
-        return y
+            if self._native is not None:
+                return self._run_fast(x, 1, self._conv, relu=relu, residual=residual)
+            y = self._run_fast(x, 1, self._conv)
+        else:
+            y = self._run_groups(x, 1, self._conv)
+            if not x.is_contiguous() and x.is_contiguous(memory_format=torch.channels_last):
+                y = y.contiguous(memory_format=torch.channels_last)    # convs of channel slices emit NCHW
+        if residual is not None:
+            y = y + residual
+        return y.relu() if relu else y
 
     def sg_macs(self, x: torch.Tensor, output: torch.Tensor) -> int:
         spatial = output.shape[0] * output[0, 0].numel()
@@ -323,6 +376,10 @@ class DiverseGroupLinear(_DiverseGroup):
     def structure(self) -> dict:
         return {"in_features": self.in_features, "out_features": self.out_features,
                 **super().structure()}
+
+    def _run_native(self, x: torch.Tensor) -> torch.Tensor:
+        flat = x.reshape(-1, x.shape[-1])
+        return native.linear(flat.contiguous(), self._native).reshape(*x.shape[:-1], self.out_features)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self._fast_active():
@@ -391,3 +448,60 @@ class GatheredBatchNorm2d(nn.BatchNorm2d):
 def is_gathering(bn: nn.Module | None) -> bool:
     """Whether ``bn`` is a GatheredBatchNorm2d that really selects channels."""
     return isinstance(bn, GatheredBatchNorm2d) and bn.gathers
+
+
+class FoldedBatchNorm2d(nn.BatchNorm2d):
+    """A BatchNorm2d whose inference affine map runs inside the native kernel of the deployed conv
+    before it (``producer``, that conv's module name). When that conv runs natively (eval mode,
+    no autograd, kernel built) this BN passes its input through; otherwise it normalises as any
+    BN does, so training and every other form stay exact. Same state-dict keys as a BN."""
+
+    def __init__(self, num_features: int, eps: float = 1e-5, momentum: float | None = 0.1,
+                 affine: bool = True, track_running_stats: bool = True, producer: str = "") -> None:
+        super().__init__(num_features, eps, momentum, affine, track_running_stats)
+        self.producer = producer
+        object.__setattr__(self, "_conv", None)           # linked by link_folded_norms
+
+    @classmethod
+    def from_bn(cls, bn: nn.BatchNorm2d, producer: str) -> "FoldedBatchNorm2d":
+        new = cls(bn.num_features, bn.eps, bn.momentum, bn.affine, bn.track_running_stats, producer)
+        reference = bn.running_mean if bn.running_mean is not None else bn.weight
+        if reference is not None:
+            new = new.to(device=reference.device, dtype=reference.dtype)
+        own = new.state_dict()        # a non-gathering GatheredBatchNorm2d also has channel_index
+        new.load_state_dict({k: v for k, v in bn.state_dict().items() if k in own})
+        new.train(bn.training)
+        return new
+
+    def structure(self) -> dict:
+        return {"num_features": self.num_features, "eps": self.eps, "momentum": self.momentum,
+                "affine": self.affine, "track_running_stats": self.track_running_stats,
+                "producer": self.producer}
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        conv = self._conv
+        if conv is not None and conv.folds(self):
+            return x
+        return super().forward(x)
+
+
+def link_folded_norms(model: nn.Module) -> int:
+    """Point every FoldedBatchNorm2d of ``model`` and its producer conv at each other (after a
+    checkpoint load or a module swap); a BN whose producer is missing stays a plain BN. Returns
+    how many were linked."""
+    linked = 0
+    for bn in model.modules():
+        if not isinstance(bn, FoldedBatchNorm2d):
+            continue
+        try:
+            conv = model.get_submodule(bn.producer)
+        except AttributeError:
+            conv = None
+        if not isinstance(conv, DiverseGroupConv2d):
+            object.__setattr__(bn, "_conv", None)
+            continue
+        object.__setattr__(bn, "_conv", conv)
+        object.__setattr__(conv, "_folded_bn", bn)
+        conv.refresh()
+        linked += 1
+    return linked

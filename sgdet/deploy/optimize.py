@@ -1,7 +1,7 @@
 """Deployment, fast stage: turns an exactly deployed model (sgdet.deploy) into one that really
 runs faster, with the same outputs to float32 rounding.
 
-Four passes, all exact:
+Five passes, all exact:
 1. Permutation folding: where a deployed conv feeds another through a BatchNorm (and element-wise
    ops), its output is left in group order; the BN's parameters and the next conv's gather index
    are permuted instead, so no standalone reorder runs.
@@ -9,28 +9,38 @@ Four passes, all exact:
    BN channels (ResNet bottlenecks conv1->bn1->conv2->bn2->conv3, DenseNet conv1->norm2->conv2).
 3. Execution plan per layer: groups merged into buckets of similar input sets (zero-filled),
    run as a loop of dense layers, as one padded grouped convolution, or as the dense layer over
-   every input; chosen by timing the candidates interleaved on the layer's real input
+   every input, or on the native kernel (sgdet.deploy.native: no gather at all); chosen by
+   timing the candidates interleaved on the layer's real input
    (``example_input``) or, without one, by a cost model. The dense form is always a candidate and
    is only replaced by a form faster by a margin, so noise cannot pick a slower layer.
-4. Gathered BatchNorms (DenseNet's norm1, which selects the channels conv1 reads) become plain
+4. Native layers take the BatchNorm after them into their kernel (FoldedBatchNorm2d), and
+   blocks whose convs all do so run their ReLUs and residual add at the kernels' stores too
+   (sgdet.deploy.fusion).
+5. Gathered BatchNorms (DenseNet's norm1, which selects the channels conv1 reads) become plain
    BNs over their whole input where the gather, a copy of a wide feature map, costs more than it
    saves.
 """
 from __future__ import annotations
 
 import copy
+import logging
 
 import torch
 from torch import nn
 
 from ..errors import ConfigError
 from ..layers import is_sg_layer
-from .modules import DiverseGroupConv2d, DiverseGroupLinear, GatheredBatchNorm2d, is_gathering
-from .patterns import conv_bn_conv_chains, gathered_bn_pairs
-from .plans import bucket_order, choose_plan, dense_plan, plan_label, reorder_groups
+from .modules import (DiverseGroupConv2d, DiverseGroupLinear, FoldedBatchNorm2d, GatheredBatchNorm2d,
+                      is_gathering, link_folded_norms)
+from .fusion import fuse_blocks
+from .patterns import conv_bn_conv_chains, conv_bn_pairs, gathered_bn_pairs
+from . import native
+from .plans import (BACKENDS, bucket_order, choose_plan, dense_plan, native_applies, plan_label,
+                    reorder_groups)
 from .timing import time_interleaved
 
 _DEPLOYED = (DiverseGroupConv2d, DiverseGroupLinear)
+log = logging.getLogger("sgdet")
 
 
 # --- pass 1: permutation folding ---------------------------------------------------------------
@@ -137,6 +147,22 @@ def drop_dead_channels(model: nn.Module, producer_name: str, bn_name: str, consu
 
 # --- pass 3: execution plans (chosen in sgdet.deploy.plans) -------------------------------
 
+def check_backend(backend: str) -> None:
+    """Refuse an unknown backend, and "native" where the extension is missing; say once, in
+    one line, when "auto" has to do without it."""
+    if backend not in BACKENDS:
+        raise ConfigError(f"backend must be one of {', '.join(BACKENDS)}, got {backend!r}")
+    if backend == "native" and not native.available():
+        raise ConfigError(f"backend='native' but {native.unavailable_reason()}")
+    if backend == "auto" and not native.available() and not _warned:
+        _warned.append(True)
+        log.warning("sgdet: native kernels unavailable (%s); using the torch plans",
+                    native.unavailable_reason())
+
+
+_warned: list = []
+
+
 def capture_inputs(model: nn.Module, example_input, types=_DEPLOYED) -> dict[str, torch.Tensor]:
     """The input every module of ``types`` sees in one eval forward pass of ``example_input``."""
     seen: dict[str, torch.Tensor] = {}
@@ -152,6 +178,63 @@ def capture_inputs(model: nn.Module, example_input, types=_DEPLOYED) -> dict[str
         for h in handles:
             h.remove()
     return seen
+
+
+@torch.no_grad()
+def one_group_conv(conv: nn.Conv2d) -> DiverseGroupConv2d:
+    """A dense conv as a deployed conv with one group that reads every input (same outputs)."""
+    layer = DiverseGroupConv2d(conv.in_channels, conv.out_channels, conv.kernel_size, conv.stride,
+                               conv.padding, conv.dilation, [conv.out_channels], [conv.in_channels],
+                               conv.bias is not None).to(conv.weight.device, conv.weight.dtype)
+    layer.weights[0].copy_(conv.weight)
+    layer.in_index.copy_(torch.arange(conv.in_channels))
+    if conv.bias is not None:
+        layer.bias.copy_(conv.bias)
+    layer.train(conv.training)
+    layer.refresh()
+    return layer
+
+
+@torch.no_grad()
+def native_dense_convs(model: nn.Module, x: torch.Tensor, repeats: int, margin: float) -> list[str]:
+    """Run the model's remaining dense convs (stem, shortcuts) on the native kernel as one group
+    where that is faster than oneDNN by ``margin`` on their real input; returns their names."""
+    dense = {n: m for n, m in model.named_modules()
+             if type(m) is nn.Conv2d and m.groups == 1 and m.padding_mode == "zeros"}
+    if not dense:
+        return []
+    inputs = capture_inputs(model, x, (nn.Conv2d,))
+    moved = []
+    for name, conv in dense.items():
+        xin = inputs.get(name)
+        candidate = one_group_conv(conv).eval()
+        if xin is None or not native_applies(candidate, xin):
+            continue
+        choose_plan(candidate, xin, repeats, margin, backend="native")      # its fastest tile shape
+        seconds = time_interleaved({"native": lambda: candidate(xin), "dense": lambda: conv(xin)},
+                                   repeats=repeats, warmup=2, device=xin.device)
+        if seconds["native"] < (1.0 - margin) * seconds["dense"]:
+            model.set_submodule(name, candidate, strict=True)
+            moved.append(name)
+    return moved
+
+
+# --- pass 3b: BatchNorms folded into native kernels -------------------------------------------
+
+@torch.no_grad()
+def fold_batchnorms(model: nn.Module) -> int:
+    """Let every conv that runs natively apply the BN right after it at its store (the BN then
+    passes its input through in eval mode): one pass over the output fewer. Returns how many."""
+    folded = 0
+    for conv_name, bn_name in conv_bn_pairs(model):
+        conv, bn = model.get_submodule(conv_name), model.get_submodule(bn_name)
+        if conv._native is None or isinstance(bn, FoldedBatchNorm2d) or bn.running_var is None:
+            continue
+        model.set_submodule(bn_name, FoldedBatchNorm2d.from_bn(bn, conv_name), strict=True)
+        folded += 1
+    if folded:
+        link_folded_norms(model)
+    return folded
 
 
 # --- pass 4: gathered BatchNorms --------------------------------------------------------------
@@ -198,7 +281,7 @@ def _ungather_pays(bn, conv, x: torch.Tensor | None, repeats: int, margin: float
 @torch.no_grad()
 def optimize(model: nn.Module, example_input: torch.Tensor | None = None, repeats: int = 5,
              dead_channels: bool = True, plans: bool = True, ungather: bool = True,
-             margin: float = 0.05, verify: bool = True, align: int = 8) -> dict:
+             margin: float = 0.05, verify: bool = True, align: int = 8, backend: str = "auto") -> dict:
     """Make a deployed model fast, in place: fold permutations, drop dead channels, give every
     deployed layer its fastest exact plan, and un-gather BNs where that pays. Decisions are
     timed on ``example_input`` (on the device, and in the memory format, it comes in: pass a
@@ -209,11 +292,15 @@ def optimize(model: nn.Module, example_input: torch.Tensor | None = None, repeat
     model's computation), and falls back to that when it is not faster by ``margin``: layers
     tuned one by one can still lose together (caches, layouts). The dead-channel pass keeps
     filter counts that are multiples of ``align`` multiples of it (``align=1``: drop every dead filter).
+    ``backend``: "auto" offers the native kernels (sgdet.deploy.native) beside the torch plans
+    where they are built; "native" runs every deployed layer natively (no dense fallback);
+    "torch" never uses them.
     Returns a report {"layers": {layer: {"plan": label, "candidates": {...}}}, ...}."""
     if any(is_sg_layer(m) for m in model.modules()):
         raise ConfigError("optimize() takes a deployed model; call sgdet.deploy(model, optimize=True)")
     if not 0.0 <= margin < 1.0:
         raise ConfigError(f"margin must be in [0, 1), got {margin!r}")
+    check_backend(backend)
     was_training = model.training
     model.eval()
     report: dict = {"dropped_channels": 0, "ungathered_norms": 0, "layers": {}}
@@ -224,7 +311,7 @@ def optimize(model: nn.Module, example_input: torch.Tensor | None = None, repeat
         if dead_channels:
             report["dropped_channels"] += drop_dead_channels(model, *names, align=align)
     fallback, fallback_ungathered = None, 0
-    if verify and example_input is not None and (plans or ungather) and len(model._modules):
+    if verify and backend != "native" and example_input is not None and (plans or ungather) and len(model._modules):
         # the fallback computes what the dense model does: full-width BNs, dense kernels
         fallback = copy.deepcopy(model)
         for bn_name, conv_name in gathered_bn_pairs(fallback):
@@ -238,7 +325,7 @@ def optimize(model: nn.Module, example_input: torch.Tensor | None = None, repeat
         for name, layer in model.named_modules():
             if isinstance(layer, _DEPLOYED) and len(layer.weights):
                 results = choose_plan(layer, inputs.get(name) if example_input is not None else None,
-                                      repeats, margin)
+                                      repeats, margin, backend)
                 report["layers"][name] = {"plan": plan_label(layer.plan), "candidates": results}
     for names in conv_bn_conv_chains(model):       # make bucketed producers emit bucket order
         p, bn, c = (model.get_submodule(n) for n in names)
@@ -246,6 +333,10 @@ def optimize(model: nn.Module, example_input: torch.Tensor | None = None, repeat
         if order is not None and order != list(range(len(order))):
             reorder_groups(p, order)
         fold_permutation(p, bn, c)
+    if plans and backend != "torch" and example_input is not None and native.available():
+        report["native_dense_convs"] = native_dense_convs(model, example_input, repeats, margin)
+    report["folded_norms"] = fold_batchnorms(model) if backend != "torch" else 0
+    report["fused_blocks"] = fuse_blocks(model) if report["folded_norms"] else 0
     if ungather:
         pairs = gathered_bn_pairs(model)
         norms = (capture_inputs(model, example_input, (GatheredBatchNorm2d,))

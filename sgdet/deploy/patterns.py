@@ -23,6 +23,10 @@ BN_CONV_PAIRS: dict[type, list[tuple[str, str]]] = {}
 # reaches consumer only through the BN and element-wise ops, and nothing else reads it.
 CONV_BN_CONV_CHAINS: dict[type, list[tuple[str, str, str]]] = {}
 
+# {module class: [(conv, batch norm), ...]} where the conv's output goes straight into the BN and
+# nowhere else: the native kernel may then apply the BN's inference affine map at its store.
+CONV_BN_PAIRS: dict[type, list[tuple[str, str]]] = {}
+
 
 def register_bn_conv_pairs(cls: type, pairs: Iterable[tuple[str, str]]) -> None:
     """Declare that in ``cls.forward`` BN attribute a feeds conv attribute b through element-wise
@@ -36,6 +40,12 @@ def register_conv_bn_conv(cls: type, chains: Iterable[tuple[str, str, str]]) -> 
     CONV_BN_CONV_CHAINS[cls] = list(chains)
 
 
+def register_conv_bn(cls: type, pairs: Iterable[tuple[str, str]]) -> None:
+    """Declare that in ``cls.forward`` conv attribute a feeds BN attribute b directly and
+    nothing else reads a's output; optimize() may then fold b into a's native kernel."""
+    CONV_BN_PAIRS[cls] = list(pairs)
+
+
 # torchvision's blocks, keyed by qualified class name so that sgdet never has to import
 # torchvision (whose package import loads its detection models) to know them. Consulted after
 # the user tables, so a user's registration adds to the built-ins and may override one.
@@ -47,8 +57,15 @@ _BUILTIN_CONV_BN_CONV_CHAINS = {
     "torchvision.models.resnet.Bottleneck": [("conv1", "bn1", "conv2"), ("conv2", "bn2", "conv3")],
     "torchvision.models.densenet._DenseLayer": [("conv1", "norm2", "conv2")],
 }
+_BUILTIN_CONV_BN_PAIRS = {
+    "torchvision.models.resnet.ResNet": [("conv1", "bn1")],                    # the stem
+    "torchvision.models.resnet.BasicBlock": [("conv1", "bn1"), ("conv2", "bn2")],
+    "torchvision.models.resnet.Bottleneck": [("conv1", "bn1"), ("conv2", "bn2"), ("conv3", "bn3")],
+    "torchvision.models.densenet._DenseLayer": [("conv1", "norm2")],
+}
 _BUILTINS = {id(BN_CONV_PAIRS): _BUILTIN_BN_CONV_PAIRS,
-             id(CONV_BN_CONV_CHAINS): _BUILTIN_CONV_BN_CONV_CHAINS}
+             id(CONV_BN_CONV_CHAINS): _BUILTIN_CONV_BN_CONV_CHAINS,
+             id(CONV_BN_PAIRS): _BUILTIN_CONV_BN_PAIRS}
 
 
 def registered(table: dict, cls: type) -> list[tuple[str, ...]] | None:
@@ -117,3 +134,22 @@ def gathered_bn_pairs(model: nn.Module) -> list[tuple[str, str]]:
     conv = lambda m: isinstance(m, DiverseGroupConv2d)                 # noqa: E731
     return _find(model, BN_CONV_PAIRS, (lambda m: isinstance(m, GatheredBatchNorm2d), conv),
                  lambda bn, c: is_gathering(bn) and conv(c) and bn.num_features == c.in_channels)
+
+
+def conv_bn_pairs(model: nn.Module) -> list[tuple[str, str]]:
+    """(conv, bn) names of a deployed model where a deployed conv feeds a plain BN directly (no
+    element-wise op between: the BN must see the conv's raw output) and nothing else reads it."""
+    conv = lambda m: isinstance(m, DiverseGroupConv2d)                 # noqa: E731
+    plain_bn = lambda m: isinstance(m, nn.BatchNorm2d) and not is_gathering(m)   # noqa: E731
+    found = []
+    for prefix, module in model.named_modules():
+        join = (prefix + ".") if prefix else ""
+        entries = registered(CONV_BN_PAIRS, type(module))
+        if entries is None and isinstance(module, nn.Sequential):
+            names = list(module._modules)
+            entries = list(zip(names, names[1:]))           # adjacent modules only
+        for a, b in entries or ():
+            c, bn = getattr(module, a, None), getattr(module, b, None)
+            if conv(c) and plain_bn(bn) and bn.num_features == c.out_channels:
+                found.append((join + a, join + b))
+    return found

@@ -10,11 +10,11 @@ import time
 import torch
 
 
-def time_interleaved(fns: dict, repeats: int = 5, warmup: int = 2,
-                     device: torch.device | None = None) -> dict:
-    """Median wall time in seconds of each callable in ``fns``. Every round calls each one once,
-    in a seeded random order, so a slow spell of a shared machine and the after-effects of one
-    call on the next hit all of them alike (a CUDA device is synchronised around each call)."""
+def time_samples(fns: dict, repeats: int = 5, warmup: int = 2,
+                 device: torch.device | None = None) -> dict[str, list[float]]:
+    """Wall times in seconds of every call of each callable in ``fns``. Every round calls each
+    one once, in a seeded random order, so a slow spell of a shared machine and the after-effects
+    of one call on the next hit all of them alike (a CUDA device is synchronised around each call)."""
     sync = (lambda: torch.cuda.synchronize(device)) if device is not None and device.type == "cuda" else (lambda: None)
     for _ in range(warmup):
         for fn in fns.values():
@@ -30,4 +30,11 @@ def time_interleaved(fns: dict, repeats: int = 5, warmup: int = 2,
             fns[name]()
             sync()
             samples[name].append(time.perf_counter() - start)
-    return {name: statistics.median(values) for name, values in samples.items()}
+    return samples
+
+
+def time_interleaved(fns: dict, repeats: int = 5, warmup: int = 2,
+                     device: torch.device | None = None) -> dict:
+    """Median wall time in seconds of each callable in ``fns`` (see time_samples)."""
+    return {name: statistics.median(values)
+            for name, values in time_samples(fns, repeats, warmup, device).items()}
