@@ -6,7 +6,7 @@ PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 FASHION := /usr/share/datasets/fashion-mnist
 
-.PHONY: demo detection-demo test test-slow setup data bench bench-deploy clean
+.PHONY: demo detection-demo test test-slow setup data bench bench-deploy bench-native clean
 
 setup: $(STAMP)
 
@@ -49,6 +49,19 @@ bench: setup
 bench-deploy: setup
 	$(PY) benchmarks/deploy_speed.py --out benchmarks/results/deploy_speed
 	$(PY) benchmarks/gather_cost.py
+
+# Native kernels (issue 14): whole network against the fastest dense PyTorch form, per layer, and
+# on the demo's trained LeNet-5 masks where `make demo` has run (about 40 min on 2 cores).
+bench-native: setup
+	$(PY) benchmarks/native_speed.py --archs resnet50 --ratios 0.6 0.8 --batches 8 --repeats 7 \
+	  --out benchmarks/results/native_speed_resnet50_b8
+	$(PY) benchmarks/native_speed.py --archs resnet50 --ratios 0.6 0.8 --batches 1 --repeats 9 --no-layers \
+	  --out benchmarks/results/native_speed_resnet50_b1
+	$(PY) benchmarks/native_speed.py --archs densenet201 --ratios 0.7 --batches 8 --repeats 5 --no-layers \
+	  --out benchmarks/results/native_speed_densenet201_b8
+	if ls out/demo/lenet5_conv80_fc80.sg.pt >/dev/null 2>&1; then $(PY) benchmarks/native_speed.py --archs \
+	  --trained out/demo/lenet5_conv80_fc80.sg.pt out/demo/lenet5_conv95_fc95.sg.pt --batches 8 64 --repeats 9 \
+	  --out benchmarks/results/native_speed_lenet5_trained; fi
 
 clean:
 	rm -rf out .pytest_cache .hypothesis

@@ -50,3 +50,27 @@ def test_gather_cost_covers_every_shape(tmp_path):
     rows = json.load(open(out + ".json"))["rows"]
     assert len(rows) == 10 and all(r["gathered_channels"] == 16 * round(0.4 * r["c_in"]) for r in rows)
     assert open(out + ".md").read().count("| layer") == 10
+
+
+def test_native_speed_records_whole_network_and_layers(tmp_path):
+    import torch
+
+    import sgdet
+    from sgdet.deploy import native
+    if not native.available():
+        pytest.skip(native.unavailable_reason())
+    torch.manual_seed(0)
+    trained = sgdet.build("lenet5")
+    sgdet.compress(trained, conv_ratio=0.8, fc_ratio=0.8, groups=4, step=None, seed=0)
+    sgdet.save(trained, tmp_path / "lenet.sg.pt")
+    out = str(tmp_path / "native")
+    _run("native_speed.py", "--archs", "lenet5", "--size", "28", "--ratios", "0.6", "--batches", "2",
+         "--repeats", "1", "--calib-repeats", "1", "--threads", "1", "--trained", str(tmp_path / "lenet.sg.pt"),
+         "--out", out)
+    rows = json.load(open(out + ".json"))["rows"]
+    assert [r["setting"].split()[0] for r in rows] == ["lenet5", "trained"]
+    for row in rows:
+        assert {"dense_nchw", "dense_cl", "dense_jit", "sg"} <= set(row["median_ms"])
+        assert row["best_dense"] in ("dense_nchw", "dense_cl", "dense_jit") and row["speedup"] > 0
+        assert row["max_abs_diff"] < 1e-3 and row["layers"]
+    assert "| lenet5 Conv-60/FC-60 g=16 | 2 |" in open(out + ".md").read()
