@@ -24,6 +24,7 @@ def load_config(defaults: CfgNode, path: str | None = None, overrides: list[str]
     if path is not None:
         if not os.path.isfile(path):
             raise ConfigError(f"config file not found: {path}")
+        _check_base_chain(path)
         try:
             cfg.merge_from_file(path)
         except yaml.YAMLError as exc:
@@ -39,6 +40,35 @@ def load_config(defaults: CfgNode, path: str | None = None, overrides: list[str]
         raise ConfigError(f"command-line override: {_explain(exc)}") from None
     cfg.freeze()
     return cfg
+
+
+def _check_base_chain(path: str, chain: tuple[str, ...] = ()) -> None:
+    """Every file of ``path``'s ``_BASE_`` chain is a YAML mapping and no file bases on itself
+    (fvcore would recurse until RecursionError, or fail on a plain string with AttributeError)."""
+    real = os.path.realpath(path)
+    if real in chain:
+        names = " -> ".join(os.path.basename(p) for p in (*chain[chain.index(real):], real))
+        raise ConfigError(f"{path}: _BASE_ cycle ({names})")
+    if not os.path.isfile(path):
+        raise ConfigError(f"config file not found: {path}" + (f" (the _BASE_ of {chain[-1]})" if chain else ""))
+    try:
+        with open(path, encoding="utf-8") as handle:
+            content = yaml.safe_load(handle)
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"{path} is not valid YAML: {' '.join(str(exc).split())[:200]}") from None
+    except (OSError, UnicodeDecodeError) as exc:
+        raise ConfigError(f"cannot read config {path}: {exc.__class__.__name__}") from None
+    if content is None:
+        return
+    if not isinstance(content, dict):
+        raise ConfigError(f"{path} holds a YAML {type(content).__name__}, not a mapping of config keys")
+    base = content.get("_BASE_")
+    if base is not None:
+        if not isinstance(base, str):
+            raise ConfigError(f"{path}: _BASE_ must be a file path, got {base!r}")
+        if not base.startswith(("/", "https://", "http://")):
+            base = os.path.join(os.path.dirname(path), base)
+        _check_base_chain(base, (*chain, real))
 
 
 def _explain(exc: Exception) -> str:

@@ -130,6 +130,8 @@ def test_train_crash_resume_then_eval_only(data, tmp_path, monkeypatch, capsys):
                            *_opts(root, eval_out, str(out / "model_final.pth"), **{"TEST.DEPLOY": "True"})]) == 0
     printed = capsys.readouterr().out
     assert "t_val @96 px: AP" in printed and "t_val @128 px: AP" in printed
+    header = next(line for line in printed.splitlines() if line.startswith("Model"))
+    assert header.split()[-2:] == ["mAP(96)", "mAP(128)"]          # the sizes tested, not 300 / 600
     metrics = json.loads((eval_out / "inference" / "coco_metrics.json").read_text())
     assert set(metrics["sizes"]) == {"96", "128"} and metrics["deployed"] is True
     assert set(metrics["sizes"]["128"]) == {"AP", "AP50", "AP75", "APs", "APm", "APl"}

@@ -27,6 +27,8 @@ from __future__ import annotations
 import contextlib
 import io
 import json
+import logging
+import math
 import os
 from typing import Callable, Sequence
 
@@ -34,6 +36,8 @@ import torch
 from torch.utils.data import ConcatDataset, Dataset
 
 from ..errors import ConfigError, DatasetError
+
+log = logging.getLogger("sgdet.detection")
 
 #: name -> list of (json_file, image_root); relative paths are resolved under the datasets root.
 DATASET_CATALOG: dict[str, list[tuple[str, str]]] = {}
@@ -115,6 +119,9 @@ def _validate(data: dict, json_file: str) -> None:
         if (not isinstance(box, list) or len(box) != 4
                 or not all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in box)):
             _fail(json_file, f"annotation id {ann_id} has a malformed bbox {box!r} (want [x, y, w, h])")
+        if not all(math.isfinite(v) for v in box) or any(v < 0 for v in box):
+            # min(64.0, nan) is 64.0: a NaN would silently become a real box
+            _fail(json_file, f"annotation id {ann_id} has a non-finite or negative bbox value {box!r}")
 
 
 class COCODetection(Dataset):
@@ -142,6 +149,10 @@ class COCODetection(Dataset):
         self._anns: dict[int, list[dict]] = {img["id"]: [] for img in self.images}
         for ann in data["annotations"]:
             self._anns[ann["image_id"]].append(ann)
+        self.clipped, self.dropped = self._count_clipping()
+        if self.clipped or self.dropped:
+            log.info("%s: %d boxes clipped to their image, %d dropped as empty", self.json_file,
+                     self.clipped, self.dropped)
         if check_images:
             for img in self.images:
                 path = os.path.join(self.image_root, img["file_name"])
@@ -163,6 +174,24 @@ class COCODetection(Dataset):
                 coco.createIndex()
             self._coco = coco
         return self._coco
+
+    def _count_clipping(self) -> tuple[int, int]:
+        """Boxes that reach outside their image (clipped when loaded) or are empty once clipped
+        (dropped), for images whose json entry gives width and height."""
+        clipped = dropped = 0
+        for img in self.images:
+            width, height = img.get("width"), img.get("height")
+            if not isinstance(width, (int, float)) or not isinstance(height, (int, float)):
+                continue
+            for ann in self._anns[img["id"]]:
+                if ann.get("iscrowd", 0):
+                    continue
+                x, y, w, h = (float(v) for v in ann["bbox"])
+                if min(float(width), x + w) <= x or min(float(height), y + h) <= y:
+                    dropped += 1
+                elif x + w > width or y + h > height:
+                    clipped += 1
+        return clipped, dropped
 
     def _target(self, img: dict, width: int, height: int) -> dict:
         boxes, labels, areas = [], [], []

@@ -141,18 +141,23 @@ def _map(value) -> str:
 
 
 def format_table6_row(model: str, params: int, flops: int, map300: float | None = None,
-                      map600: float | None = None, width: int = 28) -> str:
+                      map600: float | None = None, width: int = 28,
+                      maps: Sequence[float | None] | None = None) -> str:
     """One Table 6 row: Params and FLOPs as the paper prints them (24.44M, 4.09G; see
-    :func:`sgdet.detection.detector_counts`), mAP (AP@[.5:.95], %) at 300 and 600 input, '-' when
-    not run."""
-    cells = (format_count(params), format_count(flops), _map(map300), _map(map600))
+    :func:`sgdet.detection.detector_counts`), mAP (AP@[.5:.95], %) at 300 and 600 input (or the
+    values ``maps`` of other test sizes), '-' when not run."""
+    values = (map300, map600) if maps is None else tuple(maps)
+    cells = (format_count(params), format_count(flops), *(_map(v) for v in values))
     return f"{model:<{width}}" + "".join(f"{c:>10}" for c in cells)
 
 
-def format_table6(rows: Iterable[Mapping], width: int = 28) -> str:
-    """Header plus one row per ``{'model', 'params', 'flops', 'map300', 'map600'}``."""
-    lines = [f"{TABLE6_COLUMNS[0]:<{width}}" + "".join(f"{c:>10}" for c in TABLE6_COLUMNS[1:])]
+def format_table6(rows: Iterable[Mapping], width: int = 28, sizes: Sequence[int | str] | None = None) -> str:
+    """Header plus one row per ``{'model', 'params', 'flops', 'map300', 'map600'}``; with
+    ``sizes`` one mAP column per test size, read from each row's ``{'ap': {size: AP}}``."""
+    columns = TABLE6_COLUMNS if sizes is None else (*TABLE6_COLUMNS[:3], *(f"mAP({s})" for s in sizes))
+    lines = [f"{columns[0]:<{width}}" + "".join(f"{c:>10}" for c in columns[1:])]
     for row in rows:
+        maps = None if sizes is None else [row.get("ap", {}).get(str(s)) for s in sizes]
         lines.append(format_table6_row(row["model"], row["params"], row["flops"], row.get("map300"),
-                                       row.get("map600"), width))
+                                       row.get("map600"), width, maps))
     return "\n".join(lines)

@@ -175,8 +175,8 @@ class DetectionTrainer(Trainer):
         row = super().evaluate_run()
         evaluation = self.evaluation["datasets"]
         if self.ctx.is_main:
-            print(format_table6([{"model": row["model"], "params": row["params"], "flops": row["flops"],
-                                  "map300": row["ap"].get("300"), "map600": row["ap"].get("600")}]))
+            # one mAP column per INPUT.MIN_SIZE_TEST, not Table 6's fixed 300 / 600
+            print(format_table6([row], sizes=list(row["ap"])))
             for name, per_size in evaluation.items():
                 for size, metrics in per_size.items():
                     print(f"{name} @{size} px: " + "  ".join(f"{k} {metrics[k]:.1f}" for k in METRICS))
