@@ -428,3 +428,15 @@ def test_sync_structure_makes_ranks_identical(tmp_path):
     for key in r0["state"]:
         if key.endswith((".group", ".mask", ".weight")):
             assert torch.equal(r0["state"][key], r1["state"][key]), key
+
+
+def test_evaluation_does_not_change_training(workspace, tmp_path):
+    """Issue 15, bug 2: SOLVER.EVAL_PERIOD 1 and 0 train the same weights (random crops and
+    flips draw from the global RNG; an eval loader used to draw from it too)."""
+    weights = {}
+    for period in (1, 0):
+        out = str(tmp_path / f"eval{period}")
+        assert main(["train", "--config", workspace["config"], "OUTPUT_DIR", out, "SOLVER.EPOCHS", "2",
+                     "SOLVER.EVAL_PERIOD", str(period)]) == 0
+        weights[period] = sgdet.load(os.path.join(out, "model_final.sg.pt")).state_dict()
+    assert all(torch.equal(weights[1][k], weights[0][k]) for k in weights[0])

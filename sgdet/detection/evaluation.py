@@ -79,8 +79,9 @@ def predict(model: torch.nn.Module, dataset, batch_size: int = 2,
     from torch.utils.data import DataLoader
     from tqdm.auto import tqdm
     from .datasets import collate
-    loader = dataset if isinstance(dataset, DataLoader) else DataLoader(
-        dataset, batch_size=batch_size, collate_fn=collate)
+    loader = dataset if isinstance(dataset, DataLoader) else DataLoader(   # private generator: see
+        dataset, batch_size=batch_size, collate_fn=collate,               # the engine's _val_loader
+        generator=torch.Generator().manual_seed(0))
     was_training = model.training
     model.eval().to(device)
     outputs: dict[int, dict[str, torch.Tensor]] = {}

@@ -142,9 +142,11 @@ class Trainer(CheckpointedRun, CompressionRun):
         if len(ds) == 0:
             raise ConfigError("the validation set is empty")
         sampler = ShardSampler(len(ds), self.ctx.rank, self.ctx.world_size)
+        # a private generator: a loader without one draws its worker seed from the global RNG,
+        # so evaluating would shift the training augmentations that follow (issue 15, bug 2)
         return DataLoader(ds, batch_size=self.hp["test_batch_size"], sampler=sampler,
                           num_workers=self.hp["workers"], collate_fn=self.collate,
-                          pin_memory=self.ctx.cuda)
+                          pin_memory=self.ctx.cuda, generator=torch.Generator().manual_seed(0))
 
     def _autocast(self):
         return torch.autocast("cuda", dtype=torch.float16, enabled=self.amp) if self.ctx.cuda \
