@@ -107,6 +107,14 @@ def test_train_crash_resume_then_eval_only(data, tmp_path, monkeypatch, capsys):
     assert epochs[0]["lr"] == pytest.approx(0.01) and epochs[1]["lr"] == pytest.approx(0.001)
     assert {"loss_classifier", "loss_box_reg", "loss_objectness", "loss_rpn_box_reg"} <= set(epochs[1])
 
+    # issue 15, bug 1: the resumed run equals one never killed, every tensor
+    straight = tmp_path / "straight"
+    assert train_net.main(["--config-file", config, *_opts(root, straight, weights)]) == 0
+    resumed_state = sgdet.load(str(out / "model_final.pth")).state_dict()
+    straight_state = sgdet.load(str(straight / "model_final.pth")).state_dict()
+    differ = [k for k in straight_state if not torch.equal(straight_state[k], resumed_state[k])]
+    assert not differ, f"{len(differ)} of {len(straight_state)} tensors differ, e.g. {differ[:3]}"
+
     # masks and groups survived training; pruned weights are exactly zero
     source = {n: m for n, m in sgdet.load(weights).named_modules() if isinstance(m, sgdet.SGConv2d)}
     detector = sgdet.load(str(out / "model_final.pth"))

@@ -135,8 +135,12 @@ class Trainer(CheckpointedRun, CompressionRun):
         sampler = ResumableSampler(ds, num_replicas=ctx.world_size, rank=ctx.rank, shuffle=True,
                                    seed=hp["seed"], drop_last=False)
         batch = hp["batch_size"]
+        # a private generator (seeded per pass in train_epoch): without one, creating the
+        # iterator draws a worker seed from the global RNG, and a run resumed mid-epoch drew it
+        # from a different point of that stream than the run it continues (issue 15, bug 1)
         return DataLoader(ds, batch_size=batch, sampler=sampler, num_workers=hp["workers"],
-                          collate_fn=self.collate, pin_memory=ctx.cuda, drop_last=len(sampler) > batch)
+                          collate_fn=self.collate, pin_memory=ctx.cuda, drop_last=len(sampler) > batch,
+                          generator=torch.Generator())
 
     def _val_loader(self, ds: Dataset) -> DataLoader:
         if len(ds) == 0:
@@ -229,6 +233,9 @@ class Trainer(CheckpointedRun, CompressionRun):
         loader.sampler.set_epoch(s["epochs_seen"])
         done = int(s.get("iteration") or 0)
         loader.sampler.skip = min(done * self.hp["batch_size"], len(loader.sampler))
+        # the same worker seed for this pass whether it starts fresh or resumes mid-way
+        loader.generator.manual_seed(int(self.hp["seed"]) * 1_000_003 + int(s["epochs_seen"]) * 10_007
+                                     + int(s["iterations_total"]) - done)
         batches = loader if max_steps is None else itertools.islice(loader, max(max_steps - done, 0))
         total = done + (len(loader) if max_steps is None else min(len(loader), max_steps - done))
         sums: dict = dict(s.get("partial_sums") or {})
