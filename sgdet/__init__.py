@@ -11,8 +11,8 @@ detection names load ``sgdet.detection`` on first use)::
 from .checkpoint import layer_summary, load, save
 from .compress import DEFAULT_EXCLUDE, StepRecord, compress, compressible_layers, convert, sg_layers
 from .counting import count, count_flops, count_params
-from .deploy import (DiverseGroupConv2d, DiverseGroupLinear, GatheredBatchNorm2d, deploy,
-                     register_bn_conv_pairs)
+from . import deploy      # the package, callable: sgdet.deploy(model) runs deploy.deploy(model)
+from .deploy import DiverseGroupConv2d, DiverseGroupLinear, GatheredBatchNorm2d, register_bn_conv_pairs
 from .errors import CheckpointError, ConfigError, DatasetError, NumericalError, SGError
 from .grouping import centroid_prune, group_filters, importance_vectors
 from .layers import SGConv2d, SGLinear

@@ -118,3 +118,12 @@ def test_package_boundaries():
             assert "transfer" not in roots, path
         elif part == "transfer":
             assert not any(m.startswith("classification.__main__") for m in _all_imports(path)), path
+
+
+def test_deploy_is_both_the_call_and_the_package():
+    """sgdet.deploy(model) deploys, and sgdet.deploy's submodules import by their full names
+    (the function's name used to hide the package)."""
+    loaded = _modules_loaded_by("import sgdet, sgdet.deploy.native as native; "
+                                "assert callable(sgdet.deploy) and sgdet.deploy.native is native; "
+                                "assert sgdet.deploy.plans.plan_label(None) == 'per-group'")
+    assert "sgdet.deploy.native" in loaded

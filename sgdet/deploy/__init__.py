@@ -5,6 +5,9 @@ of ``modules``, BNs gathered where ``patterns`` allows), ``optimize`` (the fast 
 permutations, dead channels, execution ``plans`` chosen with ``timing``) and ``export``
 (TorchScript / ONNX files). ``native`` holds the C++ kernels that run diverse groups without
 gathering their inputs; the fast stage uses them where they are built."""
+import sys
+import types
+
 from .convert import deploy
 from .export import export
 from .modules import (DiverseGroupConv2d, DiverseGroupLinear, FoldedBatchNorm2d, GatheredBatchNorm2d,
@@ -18,3 +21,15 @@ __all__ = [
     "register_bn_conv_pairs", "register_conv_bn_conv", "optimize", "export", "select_channels",
     "time_interleaved", "capture_inputs", "FoldedBatchNorm2d", "register_conv_bn",
 ]
+
+
+class _CallableModule(types.ModuleType):
+    """``sgdet.deploy`` is this package and ``sgdet.deploy(model, ...)`` calls deploy(): the
+    function's name used to hide the package, so ``import sgdet.deploy.native as native`` and
+    ``sgdet.deploy.native`` failed."""
+
+    def __call__(self, *args, **kwargs):
+        return deploy(*args, **kwargs)
+
+
+sys.modules[__name__].__class__ = _CallableModule
