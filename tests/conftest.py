@@ -32,6 +32,13 @@ def make_resnet18(seed: int = 0, num_classes: int = 10) -> nn.Module:
     return torchvision.models.resnet18(num_classes=num_classes)
 
 
+def make_bottleneck_resnet(seed: int = 0) -> nn.Module:
+    """A one-block-per-stage ResNet of torchvision Bottlenecks (10 classes)."""
+    torch.manual_seed(seed)
+    return torchvision.models.resnet.ResNet(torchvision.models.resnet.Bottleneck, [1, 1, 1, 1],
+                                            num_classes=10)
+
+
 def make_densenet(seed: int = 0) -> nn.Module:
     seed_all(seed)
     return torchvision.models.DenseNet(growth_rate=8, block_config=(2, 2), num_init_features=16,

@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import pytest
 import torch
-import torchvision
 from torch.utils.flop_counter import FlopCounterMode
 
 import sgdet
@@ -14,7 +13,7 @@ from sgdet.deploy.optimize import _keep_if_faster, optimize, ungather_batchnorm
 from sgdet.deploy.patterns import conv_bn_conv_chains, gathered_bn_pairs
 from sgdet.deploy.plans import candidate_plans, choose_plan, dense_plan, loop_plan, merge_groups, plan_label
 
-from conftest import assert_same_output, make_densenet, make_resnet18, randomize_bn
+from conftest import assert_same_output, make_bottleneck_resnet, make_densenet, make_resnet18, randomize_bn
 
 
 def _structured(layer, groups: int, seed: int):
@@ -99,16 +98,11 @@ def test_plan_is_trainable_and_resyncs_after_an_update():
     assert_same_output(exact, fast)
 
 
-def _bottleneck_resnet():
-    torch.manual_seed(0)
-    return torchvision.models.resnet.ResNet(torchvision.models.resnet.Bottleneck, [1, 1, 1, 1],
-                                            num_classes=10)
-
 
 @pytest.fixture(scope="module")
 def compressed():
     models = {}
-    for name, build, size in (("bottleneck", _bottleneck_resnet, (3, 32, 32)),
+    for name, build, size in (("bottleneck", make_bottleneck_resnet, (3, 32, 32)),
                               ("basic", make_resnet18, (3, 32, 32)), ("densenet", make_densenet, (3, 32, 32))):
         model = randomize_bn(build())
         sgdet.compress(model, conv_ratio=0.9, fc_ratio=0.6, groups=16, step=None)
@@ -175,7 +169,7 @@ def test_optimized_model_is_exact_and_round_trips(name, compressed, tmp_path):
                 assert not layer.plan_reorders_output, producer
     path = tmp_path / "fast.sg.pt"
     sgdet.save(fast, path)
-    skeleton = _bottleneck_resnet() if name == "bottleneck" else make_densenet()
+    skeleton = make_bottleneck_resnet() if name == "bottleneck" else make_densenet()
     again = sgdet.load(path, model=skeleton).eval()
     plans = {n: m.plan for n, m in fast.named_modules() if isinstance(m, (DiverseGroupConv2d, DiverseGroupLinear))}
     assert plans == {n: m.plan for n, m in again.named_modules()

@@ -13,28 +13,22 @@ import sys
 
 import pytest
 import torch
-import torchvision
 
 import sgdet
 from sgdet.deploy import FoldedBatchNorm2d, native
 from sgdet.deploy.modules import DiverseGroupConv2d, DiverseGroupLinear
 from sgdet.deploy.plans import is_native
 
-from conftest import assert_same_output, make_densenet, make_resnet18, randomize_bn
+from conftest import assert_same_output, make_bottleneck_resnet, make_densenet, make_resnet18, randomize_bn
 
 pytestmark = pytest.mark.skipif(not native.available(), reason=f"{native.unavailable_reason()}")
 
-
-def _bottleneck_resnet():
-    torch.manual_seed(0)
-    return torchvision.models.resnet.ResNet(torchvision.models.resnet.Bottleneck, [1, 1, 1, 1],
-                                            num_classes=10)
 
 
 @pytest.fixture(scope="module")
 def compressed():
     models = {}
-    for name, build in (("bottleneck", _bottleneck_resnet), ("basic", make_resnet18),
+    for name, build in (("bottleneck", make_bottleneck_resnet), ("basic", make_resnet18),
                         ("densenet", make_densenet)):
         model = randomize_bn(build())
         sgdet.compress(model, conv_ratio=0.7, fc_ratio=0.6, groups=8, step=None)

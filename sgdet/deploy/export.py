@@ -10,6 +10,7 @@ ONNX has no such op: those layers are exported in their standard-op per-group fo
 BatchNorms then run as BNs again). Writes are atomic (temporary file, then rename)."""
 from __future__ import annotations
 
+import copy
 import os
 import warnings
 
@@ -59,7 +60,6 @@ def standard_ops(model: nn.Module) -> nn.Module:
     """``model``, or a copy whose natively run layers use their per-group standard-op form."""
     if not _native_layers(model):
         return model
-    import copy
     model = copy.deepcopy(model)
     for layer in model.modules():
         if isinstance(layer, (DiverseGroupConv2d, DiverseGroupLinear)) and is_native(layer.plan):
@@ -100,7 +100,6 @@ def export(model: nn.Module, path: str | os.PathLike, fmt: str, example_input: t
     elif _native_layers(model):
         # the native op has no autograd: a traced file must run in grad mode as well, so its
         # parameters are frozen (an inference export, as torch.jit.freeze would make it)
-        import copy
         model = copy.deepcopy(model).requires_grad_(False)
     model = model.eval()
     checks = [example_input, torch.cat([example_input, example_input[:1] * 0.5])]
