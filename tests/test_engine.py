@@ -88,10 +88,11 @@ def read_metrics(folder: str) -> list[dict]:
 
 
 def result_rows(folder: str) -> list[str]:
+    """results.md's rows without their last (Run) column."""
     with open(os.path.join(folder, "results.md")) as handle:
         lines = handle.read().splitlines()
-    assert lines[0] == "| Model | Params | FLOPs | Top-1 (%) | Top-5 (%) | Epochs |"
-    return [line for line in lines[2:] if line.startswith("| ")]
+    assert lines[0] == "| Model | Params | FLOPs | Top-1 (%) | Top-5 (%) | Epochs | Run |"
+    return [line.rsplit(" | ", 1)[0] + " |" for line in lines[2:] if line.startswith("| ")]
 
 
 def sg_layers(model):
@@ -290,6 +291,7 @@ def _state_dict(path):
 
 def _metrics_without_times(folder):
     records = read_metrics(folder)
+    assert len({r.pop("run") for r in records}) == 1      # a resumed run keeps its run id
     for r in records:
         r.pop("seconds", None)
     return records

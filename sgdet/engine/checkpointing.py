@@ -43,6 +43,7 @@ class CheckpointedRun:
         if self.ctx.is_main:
             state = {k: v for k, v in self.state.items() if k not in _RAW_STATE}
             state.update(world_size=self.ctx.world_size, offsets=self.reporter.offsets(),
+                         run_id=self.reporter.run_id,
                          config=self.cfg.dump())
             state = plain(state, "train_state")
             # optimiser state keeps its integer keys (plain() would make them strings)
@@ -104,6 +105,8 @@ class CheckpointedRun:
                 log.warning("the config differs from the one the checkpoint was written with; "
                             "continuing with the new one")
             self.reporter.rewind(self.state.get("offsets"), int(self.state["tick"]))
+            # the resumed run is the same run: its report lines keep the id they started with
+            self.reporter.run_id = self.state.get("run_id") or self.reporter.run_id
             self._restore_rng()
         else:
             if not resume and os.path.isfile(self.checkpoint_path()):

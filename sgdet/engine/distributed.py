@@ -31,6 +31,7 @@ class DistContext:
     device: torch.device = field(default_factory=lambda: torch.device("cpu"))
     backend: str | None = None       # None: no process group (single process)
     cpu_group: Any = None            # a gloo group for small CPU-side collectives under nccl
+    run_id: str | None = None        # set by the session (rank 0 holds OUTPUT_DIR's run lock)
 
     @property
     def is_main(self) -> bool:

@@ -1,6 +1,7 @@
 """Engine stage: what a run reports. Rank 0's ``metrics.jsonl`` (one JSON object per event),
 TensorBoard scalars (``tb/``), ``results.md`` rows in the paper's format, the Epochs column's
-notation, and the logging set-up (stderr and ``OUTPUT_DIR/log.txt`` on rank 0, errors only on
+notation, the run id on every metrics line and results row (a ``run`` key; a last ``Run``
+column), and the logging set-up (stderr and ``OUTPUT_DIR/log.txt`` on rank 0, errors only on
 the other ranks) for every pipeline's logger."""
 from __future__ import annotations
 
@@ -13,6 +14,7 @@ from sgdet.checkpoint import plain
 from sgdet.counting import format_count
 
 from .distributed import DistContext
+from .runlock import new_run_id
 
 METRICS = "metrics.jsonl"
 RESULTS = "results.md"
@@ -33,11 +35,13 @@ def epochs_string(base: str | None, steps: int = 0, local: int = 0, global_: int
 
 class Reporter:
     """Rank 0's outputs: metrics.jsonl, TensorBoard scalars, results.md. Every other rank gets a
-    disabled Reporter that writes nothing."""
+    disabled Reporter that writes nothing. ``run_id`` (the session's, or a new one) tags every
+    metrics line and results row; a resumed run sets it back to the checkpoint's."""
 
-    def __init__(self, output_dir: str, enabled: bool) -> None:
+    def __init__(self, output_dir: str, enabled: bool, run_id: str | None = None) -> None:
         self.output_dir = output_dir
         self.enabled = enabled
+        self.run_id = run_id or new_run_id()
         self._writer = None
         self._purge_step: int | None = None
 
@@ -64,7 +68,7 @@ class Reporter:
             return
         os.makedirs(self.output_dir, exist_ok=True)
         with open(self.path(METRICS), "a") as handle:
-            handle.write(json.dumps(plain(record), sort_keys=False) + "\n")
+            handle.write(json.dumps(plain({"run": self.run_id, **record}), sort_keys=False) + "\n")
             handle.flush()
             os.fsync(handle.fileno())
 
@@ -85,7 +89,11 @@ class Reporter:
         return self.results_line(line, RESULTS_HEADER)
 
     def results_line(self, line: str, header: str) -> str:
-        """Append ``line`` to results.md (``header`` first when the file is new)."""
+        """Append ``line`` to results.md (``header`` first when the file is new), with this run's
+        id in a last ``Run`` column."""
+        title, rule = header.rstrip("\n").split("\n")
+        header = f"{title} Run |\n{rule}---|\n"
+        line = f"{line.rstrip()} {self.run_id} |\n"
         if self.enabled:
             new = not os.path.exists(self.path(RESULTS)) or os.path.getsize(self.path(RESULTS)) == 0
             with open(self.path(RESULTS), "a") as handle:
@@ -116,8 +124,8 @@ def teardown_logging() -> None:
         logger.setLevel(logging.NOTSET)
 
 
-def setup_logging(ctx: DistContext, output_dir: str | None = None) -> None:
-    """Rank 0 logs INFO to stderr and OUTPUT_DIR/log.txt; other ranks only errors."""
+def setup_logging(ctx: DistContext, output_dir: str | None = None, stream=None) -> None:
+    """Rank 0 logs INFO to ``stream`` (stderr) and OUTPUT_DIR/log.txt; other ranks only errors."""
     fmt = logging.Formatter("[%(asctime)s %(name)s] %(message)s", "%m/%d %H:%M:%S")
     teardown_logging()                 # a second setup (sweep runs, tests) replaces the first
     for name in LOGGERS:
@@ -127,7 +135,7 @@ def setup_logging(ctx: DistContext, output_dir: str | None = None) -> None:
             logger.setLevel(logging.ERROR)
         else:
             logger.setLevel(logging.INFO)
-        handlers: list[logging.Handler] = [logging.StreamHandler(sys.stderr)]
+        handlers: list[logging.Handler] = [logging.StreamHandler(stream or sys.stderr)]
         if ctx.is_main and output_dir:
             os.makedirs(output_dir, exist_ok=True)
             handlers.append(logging.FileHandler(os.path.join(output_dir, "log.txt")))
