@@ -66,6 +66,15 @@ def _name(cfg) -> str:
     return "imagenet" if name == "imagefolder" else name
 
 
+def dataset_label(cfg) -> str:
+    """The data set's name for titles: the named set, or an ImageFolder's folder name
+    (``imagenet`` and ``imagefolder`` read any ImageFolder, so the name alone says little)."""
+    name = str(cfg.DATA.NAME).lower()
+    if name in ("imagenet", "imagefolder") and cfg.DATA.ROOT:
+        return os.path.basename(os.path.normpath(str(cfg.DATA.ROOT))) or name
+    return name
+
+
 def _root(cfg, name: str) -> str:
     root = str(cfg.DATA.ROOT or "")
     if not root:

@@ -35,6 +35,12 @@ def group_structure_matrices(layer: nn.Module) -> tuple[torch.Tensor, torch.Tens
 def plot_group_structure(model: nn.Module, path: str, layers: Sequence[str] | None = None,
                          title: str = "") -> str:
     """Draw the group structure of ``layers`` (default: up to three SG layers) to a PNG."""
+    return save_figure(group_structure_figure(model, layers, title), path)
+
+
+def group_structure_figure(model: nn.Module, layers: Sequence[str] | None = None, title: str = ""):
+    """The matplotlib figure of :func:`plot_group_structure`: per layer, the filters sorted by
+    group and the deployed blocks, one colour scale with its colorbar, fully pruned groups named."""
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
@@ -44,18 +50,35 @@ def plot_group_structure(model: nn.Module, path: str, layers: Sequence[str] | No
     missing = [n for n in chosen if n not in named]
     if missing or not chosen:
         raise ValueError(f"no SG layer named {missing or chosen}; SG layers: {list(named)}")
-    fig, axes = plt.subplots(len(chosen), 2, figsize=(11, 3.4 * len(chosen)), squeeze=False)
-    cmap = matplotlib.colormaps["viridis"].copy()
-    cmap.set_bad("white")
+    from matplotlib.ticker import MaxNLocator
+
+    fig, axes = plt.subplots(len(chosen), 2, figsize=(12, 3.4 * len(chosen)), squeeze=False)
+    cmap = matplotlib.colormaps["viridis"].with_extremes(bad="white")
     for (left, right), name in zip(axes, chosen):
         layer = named[name]
         ordered, blocks, sizes = group_structure_matrices(layer)
         shown = ordered.masked_fill(ordered == 0, float("nan"))
-        left.imshow(shown.numpy(), aspect="auto", interpolation="nearest", cmap=cmap)
-        right.imshow(blocks.numpy(), aspect="auto", interpolation="nearest", cmap=cmap)
-        for boundary in torch.tensor(sizes).cumsum(0)[:-1].tolist():
+        finite = ordered[ordered > 0]
+        vmax = float(finite.max()) if finite.numel() else 1.0
+        left.imshow(shown.numpy(), aspect="auto", interpolation="nearest", cmap=cmap, vmin=0, vmax=vmax)
+        image = right.imshow(blocks.numpy(), aspect="auto", interpolation="nearest", cmap=cmap,
+                             vmin=0, vmax=vmax)
+        fig.colorbar(image, ax=right, label="|w| summed over the kernel", fraction=0.04, pad=0.02)
+        starts = [0] + torch.tensor(sizes).cumsum(0).tolist()
+        for boundary in starts[1:-1]:
             for ax in (left, right):
                 ax.axhline(boundary - 0.5, color="red", linewidth=0.6)
+        # a group left with no inputs draws as blank rows: say so instead of leaving a gap
+        kept = layer.group_keep().cpu().sum(1).tolist()
+        for g, size in enumerate(sizes):
+            if size and not kept[g]:
+                for ax in (left, right):
+                    ax.text(0.5, (starts[g] + starts[g + 1] - 1) / 2, f"group {g}: fully pruned",
+                            transform=ax.get_yaxis_transform(), ha="center", va="center",
+                            fontsize=7, color="dimgray")
+        for ax in (left, right):
+            ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+            ax.yaxis.set_major_locator(MaxNLocator(integer=True))
         pruned = 100 * layer.pruned_fraction()
         left.set_title(f"{name}: filters sorted by group ({len(sizes)} groups, {pruned:.0f}% pruned)",
                        fontsize=9)
@@ -65,7 +88,7 @@ def plot_group_structure(model: nn.Module, path: str, layers: Sequence[str] | No
         left.set_ylabel("filter (grouped)")
     if title:
         fig.suptitle(title)
-    return save_figure(fig, path)
+    return fig
 
 
 def save_figure(fig, path: str, dpi: int = 110) -> str:
