@@ -1,7 +1,7 @@
 """Compression, the library's entry to Algorithm 1: choose the compressible layers, swap in masked
-SG layers, then run the one schedule (``sgdet.schedule``: importance -> k-means -> centroid
-pruning with step s until the conv and FC targets are reached), calling an optional local
-fine-tuning hook after each step."""
+SG layers, then run the one schedule (``sgdet.schedule``: importance -> k-means (or fixed equal
+groups, ``grouping="fixed"``) -> centroid pruning with step s until the conv and FC targets are
+reached), calling an optional local fine-tuning hook after each step."""
 from __future__ import annotations
 
 import fnmatch
@@ -13,6 +13,7 @@ from typing import Callable, Iterable, Sequence
 from torch import nn
 
 from .errors import ConfigError
+from .grouping import GROUPINGS
 from .layers import SGConv2d, SGLinear, is_sg_layer
 from .schedule import Schedule, StepRecord, prune_step
 
@@ -83,7 +84,7 @@ def _is_int(value) -> bool:
 
 
 def validate_arguments(conv_ratio: float, fc_ratio: float, groups: int, step: float | None,
-              seed: int = 0, n_init: int = 1) -> None:
+              seed: int = 0, n_init: int = 1, grouping: str = "kmeans") -> None:
     """Reject bad arguments up front with a ConfigError naming the argument."""
     for label, value in (("conv_ratio", conv_ratio), ("fc_ratio", fc_ratio)):
         if not _is_real(value) or not 0.0 <= value < 1.0:
@@ -96,18 +97,21 @@ def validate_arguments(conv_ratio: float, fc_ratio: float, groups: int, step: fl
         raise ConfigError(f"seed must be an integer in [0, 2**32), got {seed!r}")
     if not _is_int(n_init) or n_init < 1:
         raise ConfigError(f"n_init must be an integer >= 1, got {n_init!r}")
+    if grouping not in GROUPINGS:
+        raise ConfigError(f"grouping must be one of {', '.join(GROUPINGS)}, got {grouping!r}")
 
 
 def compress(model: nn.Module, conv_ratio: float, fc_ratio: float, groups: int = 16,
              step: float | None = 0.1, seed: int = 0, finetune: FinetuneHook | None = None,
              include: Sequence[str] = (), exclude: Sequence[str] | None = None,
-             n_init: int = 1, progress: bool = False) -> list[StepRecord]:
+             n_init: int = 1, progress: bool = False, grouping: str = "kmeans") -> list[StepRecord]:
     """Compress ``model`` in place with self-grouping (Algorithm 1).
 
     Each step t prunes every conv layer to min(t*step, conv_ratio) and every FC layer to
     min(t*step, fc_ratio) of its connections, then calls ``finetune(model, t)`` (local
-    fine-tuning) if given. ``step=None`` prunes in one shot. Returns one StepRecord per step."""
-    validate_arguments(conv_ratio, fc_ratio, groups, step, seed, n_init)
+    fine-tuning) if given. ``step=None`` prunes in one shot. ``grouping="fixed"`` replaces k-means
+    by CondenseNet's fixed equal groups (the ablation). Returns one StepRecord per step."""
+    validate_arguments(conv_ratio, fc_ratio, groups, step, seed, n_init, grouping)
     groups, seed, n_init = int(groups), int(seed), int(n_init)
     conv_ratio, fc_ratio = float(conv_ratio), float(fc_ratio)
     step = None if step is None else float(step)
@@ -121,7 +125,7 @@ def compress(model: nn.Module, conv_ratio: float, fc_ratio: float, groups: int =
         steps = tqdm(steps, total=len(schedule), desc="self-grouping", unit="step")
     records, warned = [], set()
     for t, conv_target, fc_target in steps:
-        summary = prune_step(layers, conv_target, fc_target, groups, seed, n_init, warned)
+        summary = prune_step(layers, conv_target, fc_target, groups, seed, n_init, warned, grouping)
         if finetune is not None:
             finetune(model, t)
             for layer in layers.values():   # an optimiser must not revive pruned weights

@@ -1,5 +1,7 @@
 """Stage 1-3 of self-grouping for one layer: importance vectors (Eqs. 5-6), k-means grouping of
-filters (Eqs. 7-8, scikit-learn) and centroid-based pruning (Eqs. 9-13). All vectorised."""
+filters (Eqs. 7-8, scikit-learn) and centroid-based pruning (Eqs. 9-13). All vectorised.
+``GROUPINGS``: how filters are grouped, ``"kmeans"`` (the paper) or ``"fixed"`` (CondenseNet's
+fixed equal split by filter index, no clustering: the ablation of self-grouping itself)."""
 from __future__ import annotations
 
 import warnings
@@ -55,6 +57,31 @@ def group_filters(vectors: torch.Tensor, groups: int, seed: int = 0, n_init: int
     membership = torch.nn.functional.one_hot(labels, g).T.to(torch.float64)   # [g, C_out]
     centroids = (membership @ vectors) / membership.sum(1, keepdim=True)
     return Grouping(labels=labels, centroids=centroids)
+
+
+def fixed_groups(vectors: torch.Tensor, groups: int) -> Grouping:
+    """CondenseNet-style grouping: the filters split by index into ``min(groups, C_out)`` groups
+    of equal size (contiguous blocks; sizes differ by at most one), whatever their weights. The
+    centroids are the groups' mean importance vectors, as for k-means."""
+    c_out = vectors.shape[0]
+    k = max(1, min(groups, c_out))
+    labels = torch.arange(c_out, dtype=torch.long) * k // c_out
+    membership = torch.nn.functional.one_hot(labels, k).T.to(torch.float64)    # [k, C_out]
+    centroids = (membership @ vectors) / membership.sum(1, keepdim=True)
+    return Grouping(labels=labels, centroids=centroids)
+
+
+GROUPINGS = ("kmeans", "fixed")
+
+
+def make_grouping(vectors: torch.Tensor, groups: int, method: str = "kmeans", seed: int = 0,
+                  n_init: int = 1) -> Grouping:
+    """The grouping ``method`` (one of GROUPINGS) of one layer's importance vectors."""
+    if method == "kmeans":
+        return group_filters(vectors, groups, seed, n_init)
+    if method == "fixed":
+        return fixed_groups(vectors, groups)
+    raise ValueError(f"grouping must be one of {', '.join(GROUPINGS)}, got {method!r}")
 
 
 def centroid_prune(centroids: torch.Tensor, sizes: torch.Tensor, fraction: float) -> torch.Tensor:

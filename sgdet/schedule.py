@@ -1,8 +1,8 @@
 """The one schedule of Algorithm 1, shared by ``sgdet.compress`` and the engine's Trainer (in the
 spirit of Torch-Pruning's pruner + scheduler): ``Schedule`` says how many pruning steps there are
 and each step's conv/FC targets; ``prune_step`` is lines 3-10 for one step (regroup each layer on
-its masked weights with k-means, prune its centroids to the target); ``StepRecord.measure`` is
-what a step achieved (Eq. 14)."""
+its masked weights with k-means, or with fixed equal groups for ``grouping="fixed"``, prune its
+centroids to the target); ``StepRecord.measure`` is what a step achieved (Eq. 14)."""
 from __future__ import annotations
 
 import logging
@@ -14,7 +14,7 @@ import torch
 from torch import nn
 
 from .errors import NumericalError
-from .grouping import centroid_prune, group_filters, importance_vectors
+from .grouping import centroid_prune, importance_vectors, make_grouping
 from .layers import SGConv2d, SGLinear
 
 log = logging.getLogger("sgdet")
@@ -90,10 +90,13 @@ class StepRecord:
 
 @torch.no_grad()
 def prune_step(layers: dict[str, nn.Module], conv_target: float, fc_target: float, groups: int,
-               seed: int = 0, n_init: int = 1, warned: set[str] | None = None) -> dict:
+               seed: int = 0, n_init: int = 1, warned: set[str] | None = None,
+               grouping: str = "kmeans") -> dict:
     """One pass of lines 3-10 of Algorithm 1 over ``layers``: regroup each layer on its current
     masked weights and prune it to its target fraction. Returns per-layer summaries.
-    ``warned`` collects layers already reported as narrower than ``groups`` (say it once)."""
+    ``warned`` collects layers already reported as narrower than ``groups`` (say it once).
+    ``grouping``: ``"kmeans"`` (self-grouping) or ``"fixed"`` (equal groups by filter index, the
+    same at every step: CondenseNet's split, pruned by the same centroid rule)."""
     warned = set() if warned is None else warned
     summary = {}
     for name, layer in layers.items():
@@ -104,9 +107,9 @@ def prune_step(layers: dict[str, nn.Module], conv_target: float, fc_target: floa
             warned.add(name)
             log.warning("sgdet: layer %s has %d filters < groups=%d; using %d groups",
                         name, c_out, groups, c_out)
-        grouping = group_filters(importance_vectors(layer.weight, layer.mask), groups, seed, n_init)
+        found = make_grouping(importance_vectors(layer.weight, layer.mask), groups, grouping, seed, n_init)
         target = conv_target if isinstance(layer, SGConv2d) else fc_target
-        keep = centroid_prune(grouping.centroids, grouping.sizes, target)
-        layer.set_structure(grouping.labels, keep)
-        summary[name] = {"groups": int(grouping.centroids.shape[0]), "pruned": layer.pruned_fraction()}
+        keep = centroid_prune(found.centroids, found.sizes, target)
+        layer.set_structure(found.labels, keep)
+        summary[name] = {"groups": int(found.centroids.shape[0]), "pruned": layer.pruned_fraction()}
     return summary

@@ -1,5 +1,6 @@
 """Engine stage: a compression run (Algorithm 1 with the G, LG and L fine-tuning schemes) on the
-Trainer. The schedule and the pruning step are the core's (``sgdet.schedule``); this adds what a
+Trainer. The schedule and the pruning step are the core's (``sgdet.schedule``; SG.GROUPING
+``fixed`` swaps k-means for fixed equal groups where a schema has that key); this adds what a
 long run needs around them: local fine-tuning epochs after each step, a checkpoint after each
 step and each local epoch, the groups and masks made identical on every rank, and step records
 in the reports. Mixed into the Trainer.
@@ -22,6 +23,11 @@ from .distributed import sync_structure
 from .reporting import epochs_string
 
 log = logging.getLogger("sgdet.engine")
+
+
+def grouping_of(cfg) -> str:
+    """SG.GROUPING (``kmeans`` where a schema has no such key)."""
+    return str(cfg.SG.get("GROUPING", "kmeans"))
 
 
 class CompressionRun:
@@ -57,9 +63,10 @@ class CompressionRun:
             raise ConfigError("the model has no compressible Conv2d/Linear layers")
         self._place()
         self._wrap()
-        log.info("self-grouping %s: scheme %s, Conv-%g/FC-%g, g=%d, step %g -> %d step(s), %d SG layers",
+        log.info("self-grouping %s: scheme %s, Conv-%g/FC-%g, g=%d (%s), step %g -> %d step(s), %d SG layers",
                  cfg.MODEL.ARCH, scheme, round(100 * float(cfg.SG.CONV_RATIO), 4),
-                 round(100 * float(cfg.SG.FC_RATIO), 4), int(cfg.SG.GROUPS), schedule.effective_step,
+                 round(100 * float(cfg.SG.FC_RATIO), 4), int(cfg.SG.GROUPS), grouping_of(cfg),
+                 schedule.effective_step,
                  schedule.steps, len(layers))
         if self.state["phase"] == "prune":
             self._prune_phase(layers, schedule, local_epochs)
@@ -70,6 +77,8 @@ class CompressionRun:
             self._global_phase(global_epochs)
         label = (f"{self.label}-{scheme} (Conv-{round(100 * float(cfg.SG.CONV_RATIO))}"
                  f"/FC-{round(100 * float(cfg.SG.FC_RATIO))})")
+        if grouping_of(cfg) != "kmeans":
+            label += f" {grouping_of(cfg)} groups"
         epochs = epochs_string(self._base_epochs() or "0", schedule.steps, local_epochs, global_epochs)
         return self._finish(self._final_row(label, epochs))
 
@@ -78,6 +87,7 @@ class CompressionRun:
         checkpoint after each pruning step and each local epoch."""
         cfg, s = self.cfg, self.state
         groups, seed, n_init = int(cfg.SG.GROUPS), int(cfg.SEED), int(cfg.SG.N_INIT)
+        grouping = grouping_of(cfg)
         warned: set[str] = set()
         while True:
             if s["step_done"]:
@@ -86,7 +96,8 @@ class CompressionRun:
                 t = s["t"] + 1
                 conv_target, fc_target = schedule.targets(t)
                 started = time.time()
-                summary = prune_step(layers, conv_target, fc_target, groups, seed, n_init, warned)
+                summary = prune_step(layers, conv_target, fc_target, groups, seed, n_init, warned,
+                                     grouping)
                 sync_structure(layers, self.ctx, t)
                 record = StepRecord.measure(t, conv_target, fc_target, layers, summary)
                 s.update(t=t, local_done=0, step_done=False, optimizer=None, pending=record.to_dict())
