@@ -9,6 +9,7 @@ import copy
 import json
 import os
 import random
+import sys
 import time
 
 import numpy as np
@@ -21,6 +22,8 @@ from sgdet.visualize import plot_group_structure
 from .config import get_defaults
 from .mnist import find_mnist_root, load_mnist_style
 from .datasets import build_datasets
+from sgdet.engine.distributed import DistContext
+from sgdet.engine.reporting import setup_logging, teardown_logging
 from sgdet.engine.trainer import Trainer
 from sgdet.files import write_text
 
@@ -107,7 +110,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--lr", type=float, default=0.05, help="baseline learning rate")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--limit", type=int, help="use only the first N training images (smoke runs)")
-    parser.add_argument("--no-progress", action="store_true")
+    parser.add_argument("--no-progress", action="store_true",
+                        help="no progress bars: log lines per pruning step and every few seconds")
 
 
 def run(args: argparse.Namespace) -> dict:
@@ -121,8 +125,20 @@ def run(args: argparse.Namespace) -> dict:
     levels = sorted(set(round(level, 6) for level in args.levels))
     os.makedirs(args.out, exist_ok=True)
     write_text(os.path.join(args.out, "config.json"), json.dumps(vars(args), indent=2) + "\n")
+    # bars on a terminal; elsewhere (`make demo | tee log`) a line per pruning step and every few
+    # seconds of training, on stdout beside the results (and in OUT/log.txt)
+    terminal = sys.stdout.isatty() and sys.stderr.isatty() and not args.no_progress
+    setup_logging(DistContext(), args.out, stream=sys.stdout)
+    try:
+        return _run(args, levels, started, progress=None if terminal else False,
+                    compress_progress=True if terminal else "log")
+    finally:
+        teardown_logging()
+
+
+def _run(args: argparse.Namespace, levels: list[float], started: float, progress: bool | None,
+         compress_progress: bool | str) -> dict:
     seed_everything(args.seed)
-    progress = False if args.no_progress else None   # None: bars on a terminal only
     if args.download:                  # torchvision fetches the files into the cache once
         load_mnist_style("fashion-mnist", args.data, download=True)
     cfg = demo_config(args, find_mnist_root("fashion-mnist", args.data, args.download))
@@ -156,7 +172,7 @@ def run(args: argparse.Namespace) -> dict:
 
     model = copy.deepcopy(baseline)
     records = sgdet.compress(model, conv_ratio=levels[-1], fc_ratio=levels[-1], groups=args.groups,
-                             step=args.step, seed=args.seed, finetune=hook, progress=progress)
+                             step=args.step, seed=args.seed, finetune=hook, progress=compress_progress)
     write_text(os.path.join(args.out, "steps.jsonl"),
                "".join(json.dumps(record.to_dict()) + "\n" for record in records))
 

@@ -8,6 +8,8 @@ import fnmatch
 import logging
 import math
 import numbers
+import sys
+import time
 from typing import Callable, Iterable, Sequence
 
 from torch import nn
@@ -104,13 +106,17 @@ def validate_arguments(conv_ratio: float, fc_ratio: float, groups: int, step: fl
 def compress(model: nn.Module, conv_ratio: float, fc_ratio: float, groups: int = 16,
              step: float | None = 0.1, seed: int = 0, finetune: FinetuneHook | None = None,
              include: Sequence[str] = (), exclude: Sequence[str] | None = None,
-             n_init: int = 1, progress: bool = False, grouping: str = "kmeans") -> list[StepRecord]:
+             n_init: int = 1, progress: bool | str | None = False,
+             grouping: str = "kmeans") -> list[StepRecord]:
     """Compress ``model`` in place with self-grouping (Algorithm 1).
 
     Each step t prunes every conv layer to min(t*step, conv_ratio) and every FC layer to
     min(t*step, fc_ratio) of its connections, then calls ``finetune(model, t)`` (local
     fine-tuning) if given. ``step=None`` prunes in one shot. ``grouping="fixed"`` replaces k-means
-    by CondenseNet's fixed equal groups (the ablation). Returns one StepRecord per step."""
+    by CondenseNet's fixed equal groups (the ablation). ``progress``: True a tqdm bar, ``"log"``
+    a log line per step with its time and ETA (the ``sgdet`` logger, INFO), None a bar where stdout
+    and stderr are terminals and log lines otherwise (``| tee``, a log file), False nothing.
+    Returns one StepRecord per step."""
     validate_arguments(conv_ratio, fc_ratio, groups, step, seed, n_init, grouping)
     groups, seed, n_init = int(groups), int(seed), int(n_init)
     conv_ratio, fc_ratio = float(conv_ratio), float(fc_ratio)
@@ -120,10 +126,12 @@ def compress(model: nn.Module, conv_ratio: float, fc_ratio: float, groups: int =
         raise ConfigError("the model has no compressible Conv2d/Linear layers")
     schedule = Schedule(conv_ratio, fc_ratio, step)
     steps = iter(schedule)
-    if progress:
+    terminal = sys.stdout.isatty() and sys.stderr.isatty()
+    log_steps = progress == "log" or (progress is None and not terminal)
+    if progress is True or (progress is None and terminal):
         from tqdm.auto import tqdm
         steps = tqdm(steps, total=len(schedule), desc="self-grouping", unit="step")
-    records, warned = [], set()
+    records, warned, started = [], set(), time.time()
     for t, conv_target, fc_target in steps:
         summary = prune_step(layers, conv_target, fc_target, groups, seed, n_init, warned, grouping)
         if finetune is not None:
@@ -131,4 +139,10 @@ def compress(model: nn.Module, conv_ratio: float, fc_ratio: float, groups: int =
             for layer in layers.values():   # an optimiser must not revive pruned weights
                 layer.zero_pruned_()
         records.append(StepRecord.measure(t, conv_target, fc_target, layers, summary))
+        if log_steps:
+            seconds = time.time() - started
+            eta = seconds / t * (len(schedule) - t)
+            log.info("self-grouping step %d/%d: conv %.0f%%, FC %.0f%% pruned  (%.1f s/step, eta %s)",
+                     t, len(schedule), 100 * conv_target, 100 * fc_target, seconds / t,
+                     time.strftime("%H:%M:%S", time.gmtime(eta)))
     return records

@@ -64,9 +64,14 @@ def test_demo_end_to_end(idx_folder, tmp_path):
     env = {**os.environ, "PYTHONPATH": ROOT}
     cmd = [sys.executable, "-m", "classification", "demo", "--data", idx_folder, "--out", str(out),
            "--epochs", "2", "--levels", "0.5", "0.75", "--step", "0.25", "--local-steps", "3",
-           "--finetune-epochs", "1", "--groups", "4", "--lr", "0.05", "--no-progress"]
+           "--finetune-epochs", "1", "--groups", "4", "--lr", "0.05"]
     done = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=300)
     assert done.returncode == 0, done.stderr
+    # stdout is a pipe (`make demo | tee log`): progress comes as log lines on stdout, no bars
+    assert "self-grouping step 1/3: conv 25%, FC 25% pruned" in done.stdout
+    assert "self-grouping step 3/3" in done.stdout and " it/s  eta " in done.stdout
+    assert "\r" not in done.stdout + done.stderr
+    assert "self-grouping step 3/3" in (out / "log.txt").read_text()
     results = json.loads((out / "results.json").read_text())
     rows = results["rows"]
     assert [r["model"] for r in rows] == ["LeNet-5 baseline", "LeNet-5 (Conv-50/FC-50)",
