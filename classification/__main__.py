@@ -4,6 +4,7 @@
     compress  --config FILE [--resume] [KEY VALUE ...]   self-grouping (Algorithm 1, schemes G/LG/L)
     eval      --config FILE [KEY VALUE ...]              top-1/top-5, Params, FLOPs of MODEL.WEIGHTS
     sweep     --config FILE [--resume] [KEY VALUE ...]   one compress run per SWEEP value + curves
+    compare   --config FILE [--resume] [KEY VALUE ...]   SG-CNN against its rivals at the same budget
     demo      [...]                                      LeNet-5 on Fashion-MNIST end to end
 
 Thin: parses arguments and calls the pipeline; user errors print one line and exit 2."""
@@ -16,13 +17,15 @@ from sgdet.errors import run_entry_point
 _HELP = {"train": "baseline training (SOLVER.*)",
          "compress": "self-grouping compression with the SG.SCHEME fine-tuning",
          "eval": "evaluate MODEL.WEIGHTS: top-1/top-5, Params, FLOPs",
-         "sweep": "one compress run per SWEEP.VALUES entry, table and accuracy-vs-compression curves"}
+         "sweep": "one compress run per SWEEP.VALUES entry, table and accuracy-vs-compression curves",
+         "compare": "SG-CNN, fixed groups, unstructured and channel pruning at the same COMPARE budget: "
+                    "accuracy, counts and CPU latency"}
 
 
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(prog="python -m classification")
     sub = parser.add_subparsers(dest="command", required=True)
-    for verb in ("train", "compress", "eval", "sweep"):
+    for verb in ("train", "compress", "eval", "sweep", "compare"):
         add_config_verb(sub, verb, _HELP[verb])
     from . import demo
     demo.add_arguments(sub.add_parser("demo", help="LeNet-5 on Fashion-MNIST: train, compress, deploy"))

@@ -1,4 +1,5 @@
-"""The verbs of ``python -m classification``: train, compress, eval and sweep. Each loads the
+"""The verbs of ``python -m classification``: train, compress, eval, sweep and compare (the last in
+classification/compare.py). Each loads the
 config (``--config FILE`` plus ``KEY VALUE`` overrides; an unknown key is an error), joins the
 process group when started by torchrun, saves the merged config beside the results and runs the
 engine. Everything user-facing is an SGError (one line, exit status 2)."""
@@ -109,13 +110,15 @@ def _sweep_runs(cfg) -> list[tuple[str, list, object]]:
     return runs
 
 
-def _sub_config(cfg, overrides: list, folder: str):
+def sub_config(cfg, overrides: list, folder: str, what: str = "SWEEP value"):
+    """``cfg`` with ``overrides`` and OUTPUT_DIR ``folder``, validated (a sub-run of a sweep or
+    comparison; ``what`` names the source of a bad value)."""
     sub = cfg.clone()
     sub.defrost()
     try:
         sub.merge_from_list(overrides + ["OUTPUT_DIR", folder])
     except (KeyError, AssertionError, ValueError, TypeError) as exc:
-        raise ConfigError(f"SWEEP value: {' '.join(str(exc).split())[:300]}") from None
+        raise ConfigError(f"{what}: {' '.join(str(exc).split())[:300]}") from None
     sub.freeze()
     validate_config(sub)
     return sub
@@ -125,7 +128,7 @@ def run_sweep(cfg, ctx: DistContext, resume: bool = False) -> dict:
     """Compress once per SWEEP value into OUTPUT_DIR/<key>_<value>/ (a finished sub-run is kept
     with --resume), then write sweep.md, sweep.json and sweep.png (accuracy vs compression)."""
     runs = _sweep_runs(cfg)
-    subs = [(name, value, _sub_config(cfg, overrides, os.path.join(str(cfg.OUTPUT_DIR), name)))
+    subs = [(name, value, sub_config(cfg, overrides, os.path.join(str(cfg.OUTPUT_DIR), name)))
             for name, overrides, value in runs]
     keys = str(cfg.SWEEP.KEY)
     shared = None
@@ -154,7 +157,13 @@ def run_sweep(cfg, ctx: DistContext, resume: bool = False) -> dict:
     return summary
 
 
-VERBS = {"train": run_train, "compress": run_compress, "eval": run_eval, "sweep": run_sweep}
+def run_compare(cfg, ctx: DistContext, resume: bool = False) -> dict:
+    from .compare import run_compare as compare      # imports this module
+    return compare(cfg, ctx, resume)
+
+
+VERBS = {"train": run_train, "compress": run_compress, "eval": run_eval, "sweep": run_sweep,
+         "compare": run_compare}
 
 
 def main(verb: str, config: str, overrides: list[str], resume: bool = False):

@@ -8,8 +8,12 @@ from sgdet.compress import validate_arguments as validate_sg_arguments
 from sgdet.config import CfgNode
 from sgdet.engine.validation import positive_float, positive_int
 from sgdet.errors import ConfigError
+from sgdet.grouping import GROUPINGS
 
 SCHEMES = ("G", "LG", "L")
+#: `compare`'s methods: self-grouping, fixed equal groups (CondenseNet-style), unstructured L1
+#: magnitude pruning (torch.nn.utils.prune), structured channel pruning (Torch-Pruning)
+COMPARE_METHODS = ("sg", "fixed", "unstructured", "channel")
 
 
 def get_defaults() -> CfgNode:
@@ -60,12 +64,60 @@ def get_defaults() -> CfgNode:
     cfg.SG.EXCLUDE = ["*downsample*"]
     cfg.SG.N_INIT = 1
     cfg.SG.EVAL_EACH_STEP = True   # evaluate after every pruning step (the curves of Figs. 4-6)
+    cfg.SG.GROUPING = "kmeans"     # kmeans: self-grouping | fixed: equal groups by filter index
+                                   # (CondenseNet's split, the same centroid pruning)
 
     cfg.SWEEP = CfgNode()
     cfg.SWEEP.KEY = "SG.GROUPS"    # the config key the sweep varies; "A,B" varies several
                                    # keys together (each value then a list [a, b])
     cfg.SWEEP.VALUES = []
+
+    # `compare`: one baseline compressed by every METHOD to the same budget (classification/compare.py)
+    cfg.COMPARE = CfgNode()
+    cfg.COMPARE.BUDGET = "params"  # params | flops: what the budget counts (sgdet.count)
+    cfg.COMPARE.RATIOS = [0.9, 0.95]   # fractions of the baseline's params (or FLOPs) removed
+    cfg.COMPARE.METHODS = list(COMPARE_METHODS)
+    cfg.COMPARE.UNSTRUCTURED = "global"    # global | layer: L1 magnitude ranked network-wide or per layer
+    cfg.COMPARE.TOLERANCE = 0.01   # allowed |achieved - target| pruned fraction of the baseline
+    cfg.COMPARE.BASELINE_EPOCHS = 10   # baseline training when MODEL.WEIGHTS is empty
+    cfg.COMPARE.BASELINE_LR = 0.05
+    cfg.COMPARE.TIMING_BATCH = 64  # images per timed forward pass (CPU)
+    cfg.COMPARE.TIMING_REPEATS = 20
+    cfg.COMPARE.TIMING_THREADS = 0     # torch threads while timing (0: leave torch's setting)
     return cfg
+
+
+def _validate_compare(c) -> None:
+    if c.BUDGET not in ("params", "flops"):
+        raise ConfigError(f"COMPARE.BUDGET must be params or flops, got {c.BUDGET!r}")
+    ratios = list(c.RATIOS)
+    if not ratios:
+        raise ConfigError("COMPARE.RATIOS is empty; list the fractions of the baseline to remove")
+    for r in ratios:
+        ok = isinstance(r, (int, float)) and not isinstance(r, bool) and 0 < r < 1
+        if not ok:
+            raise ConfigError(f"COMPARE.RATIOS entries must be numbers in (0, 1), got {r!r}")
+    if len(set(round(float(r), 6) for r in ratios)) != len(ratios):
+        raise ConfigError(f"COMPARE.RATIOS has a repeated entry: {ratios}")
+    methods = list(c.METHODS)
+    if not methods:
+        raise ConfigError(f"COMPARE.METHODS is empty; choose from {', '.join(COMPARE_METHODS)}")
+    for m in methods:
+        if m not in COMPARE_METHODS:
+            raise ConfigError(f"COMPARE.METHODS has unknown method {m!r}; choose from "
+                              f"{', '.join(COMPARE_METHODS)}")
+    if len(set(methods)) != len(methods):
+        raise ConfigError(f"COMPARE.METHODS names a method twice: {methods}")
+    if c.UNSTRUCTURED not in ("global", "layer"):
+        raise ConfigError(f"COMPARE.UNSTRUCTURED must be global or layer, got {c.UNSTRUCTURED!r}")
+    tolerance = positive_float(c.TOLERANCE, "COMPARE.TOLERANCE")
+    if tolerance >= 1:
+        raise ConfigError(f"COMPARE.TOLERANCE must be below 1, got {c.TOLERANCE!r}")
+    positive_int(c.BASELINE_EPOCHS, "COMPARE.BASELINE_EPOCHS", 0)
+    positive_float(c.BASELINE_LR, "COMPARE.BASELINE_LR")
+    positive_int(c.TIMING_BATCH, "COMPARE.TIMING_BATCH")
+    positive_int(c.TIMING_REPEATS, "COMPARE.TIMING_REPEATS")
+    positive_int(c.TIMING_THREADS, "COMPARE.TIMING_THREADS", 0)
 
 
 def validate_config(cfg) -> None:
@@ -102,5 +154,8 @@ def validate_config(cfg) -> None:
         raise ConfigError(f"SG.SCHEME must be one of {', '.join(SCHEMES)}, got {cfg.SG.SCHEME!r}")
     validate_sg_arguments(cfg.SG.CONV_RATIO, cfg.SG.FC_RATIO, cfg.SG.GROUPS, cfg.SG.STEP, cfg.SEED,
                           cfg.SG.N_INIT)
+    if cfg.SG.GROUPING not in GROUPINGS:
+        raise ConfigError(f"SG.GROUPING must be one of {', '.join(GROUPINGS)}, got {cfg.SG.GROUPING!r}")
     positive_int(cfg.SG.LOCAL_EPOCHS, "SG.LOCAL_EPOCHS", 0)
     positive_float(cfg.SG.LOCAL_LR, "SG.LOCAL_LR")
+    _validate_compare(cfg.COMPARE)
