@@ -135,8 +135,8 @@ class _DiverseGroup(nn.Module):
             del self._buffers[name]
         self._exec, self._exec_out_name, self._native = [], None, None
         if plans.is_native(self._plan):
-            # packed from the weights as they are now; a layer the kernel cannot run (moved to
-            # a GPU, another dtype, extension missing at load) runs its per-group form instead
+            # packed from the weights as they are now; a layer no native kernel can run (a
+            # device or dtype it lacks, kernel missing at load) runs its per-group form instead
             if plans.native_applies(self):
                 self._native = plans.compile_native(self)
         elif self._plan is not None:
@@ -303,10 +303,11 @@ class DiverseGroupConv2d(_DiverseGroup):
         return x.new_zeros(x.shape[0], size, *self._output_size(*x.shape[2:]))
 
     def _run_native(self, x: torch.Tensor, relu: bool = False, residual: torch.Tensor | None = None) -> torch.Tensor:
-        if not x.is_contiguous():
-            x = x.contiguous()
-        if residual is not None and not residual.is_contiguous():
-            residual = residual.contiguous()
+        if x.device.type == "cpu":      # the C++ kernel reads NCHW planes; Triton takes any strides
+            if not x.is_contiguous():
+                x = x.contiguous()
+            if residual is not None and not residual.is_contiguous():
+                residual = residual.contiguous()
         return native.conv2d(x, self._native, self.stride, self._native_padding(x), self.dilation,
                              out_channels=self.out_channels, relu=relu, residual=residual,
                              variant=self._plan["variant"])

@@ -35,8 +35,9 @@ from .modules import (DiverseGroupConv2d, DiverseGroupLinear, FoldedBatchNorm2d,
 from .fusion import fuse_blocks
 from .patterns import conv_bn_conv_chains, conv_bn_pairs, gathered_bn_pairs
 from . import native
-from .plans import (BACKENDS, bucket_order, choose_plan, dense_plan, native_applies, plan_label,
-                    reorder_groups)
+from .native import cuda as native_cuda
+from .plans import (BACKENDS, bucket_order, choose_plan, dense_plan, native_applies, native_kind,
+                    plan_label, reorder_groups)
 from .timing import time_interleaved
 
 _DEPLOYED = (DiverseGroupConv2d, DiverseGroupLinear)
@@ -147,17 +148,19 @@ def drop_dead_channels(model: nn.Module, producer_name: str, bn_name: str, consu
 
 # --- pass 3: execution plans (chosen in sgdet.deploy.plans) -------------------------------
 
-def check_backend(backend: str) -> None:
-    """Refuse an unknown backend, and "native" where the extension is missing; say once, in
-    one line, when "auto" has to do without it."""
+def check_backend(backend: str, device: torch.device | None = None) -> None:
+    """Refuse an unknown backend, and "native" where the kernel for ``device`` (the C++ one on
+    the CPU, the Triton one on CUDA) is missing; say once, in one line, when "auto" has to do
+    without it."""
     if backend not in BACKENDS:
         raise ConfigError(f"backend must be one of {', '.join(BACKENDS)}, got {backend!r}")
-    if backend == "native" and not native.available():
-        raise ConfigError(f"backend='native' but {native.unavailable_reason()}")
-    if backend == "auto" and not native.available() and not _warned:
+    gpu = device is not None and torch.device(device).type == "cuda"
+    reason = native_cuda.unavailable_reason() if gpu else native.unavailable_reason()
+    if backend == "native" and reason is not None:
+        raise ConfigError(f"backend='native' but {reason}")
+    if backend == "auto" and reason is not None and not _warned:
         _warned.append(True)
-        log.warning("sgdet: native kernels unavailable (%s); using the torch plans",
-                    native.unavailable_reason())
+        log.warning("sgdet: native kernels unavailable (%s); using the torch plans", reason)
 
 
 _warned: list = []
@@ -300,7 +303,9 @@ def optimize(model: nn.Module, example_input: torch.Tensor | None = None, repeat
         raise ConfigError("optimize() takes a deployed model; call sgdet.deploy(model, optimize=True)")
     if not 0.0 <= margin < 1.0:
         raise ConfigError(f"margin must be in [0, 1), got {margin!r}")
-    check_backend(backend)
+    reference = next(model.parameters(), None)
+    check_backend(backend, example_input.device if example_input is not None
+                  else reference.device if reference is not None else None)
     was_training = model.training
     model.eval()
     report: dict = {"dropped_channels": 0, "ungathered_norms": 0, "layers": {}}
@@ -333,7 +338,8 @@ def optimize(model: nn.Module, example_input: torch.Tensor | None = None, repeat
         if order is not None and order != list(range(len(order))):
             reorder_groups(p, order)
         fold_permutation(p, bn, c)
-    if plans and backend != "torch" and example_input is not None and native.available():
+    if (plans and backend != "torch" and example_input is not None
+            and native_kind(example_input.device, example_input.dtype) is not None):
         report["native_dense_convs"] = native_dense_convs(model, example_input, repeats, margin)
     report["folded_norms"] = fold_batchnorms(model) if backend != "torch" else 0
     report["fused_blocks"] = fuse_blocks(model) if report["folded_norms"] else 0

@@ -6,7 +6,7 @@ as one dense layer over the union of its groups' inputs (zero-filled), "grouped"
 bucket, padded to one size, as a single grouped convolution, "dense" runs one layer over every
 input, "native" runs every group at once in the native kernel (sgdet.deploy.native: each group
 reads its channels through its index list, nothing is gathered; ``variant`` is the kernel's tile
-shape). None is the exact per-group form. Here plans are built (candidate_plans), compiled into
+shape; the C++ kernel on the CPU, the Triton kernel on CUDA: native_kind). None is the exact per-group form. Here plans are built (candidate_plans), compiled into
 the tensors a layer runs (compile_plan, compile_native), scored or timed and chosen
 (choose_plan)."""
 from __future__ import annotations
@@ -17,6 +17,7 @@ import torch
 from torch import nn
 
 from . import native
+from .native import cuda as native_cuda
 from .timing import time_interleaved
 
 BACKENDS = ("auto", "native", "torch")
@@ -104,17 +105,36 @@ def merge_groups(sets: list[int], sizes: list[int], buckets: int) -> list[list[i
     return [c[0] for c in clusters]
 
 
+def native_kind(device: torch.device | str, dtype: torch.dtype) -> str | None:
+    """Which native kernel runs tensors of ``device`` and ``dtype``: "cpu" (the C++ kernels:
+    float32, extension built), "cuda" (the Triton kernel: float32, float16, bfloat16, triton
+    installed; imported only when a layer is packed for it), or None."""
+    kind = torch.device(device).type
+    if kind == "cpu":
+        return "cpu" if dtype == torch.float32 and native.available() else None
+    if kind == "cuda":
+        return "cuda" if native_cuda.supports(device, dtype) else None
+    return None
+
+
+def native_variant_count(device: torch.device | str) -> int:
+    """How many tile variants the native kernel for ``device`` has (native plans 0..count-1)."""
+    return len(native_cuda.VARIANTS) if torch.device(device).type == "cuda" else len(native.variants())
+
+
 def native_applies(layer, x: torch.Tensor | None = None) -> bool:
-    """Whether the native kernel can run ``layer`` (on input ``x``): the extension is built,
-    the layer is float32 on the CPU, and a conv's input planes are contiguous (NCHW)."""
-    if not native.available() or not len(layer.weights):
+    """Whether a native kernel can run ``layer`` (on input ``x``): see native_kind; the input
+    must be for the same kernel as the layer, and the C++ kernel reads NCHW planes (the Triton
+    kernel takes any strides)."""
+    if not len(layer.weights):
         return False
     weight = layer.weights[0]
-    if weight.device.type != "cpu" or weight.dtype != torch.float32:
+    kind = native_kind(weight.device, weight.dtype)
+    if kind is None:
         return False
-    if x is not None and (x.device.type != "cpu" or x.dtype != torch.float32):
+    if x is not None and native_kind(x.device, x.dtype) != kind:
         return False
-    if x is not None and x.dim() == 4 and not x.is_contiguous():
+    if kind == "cpu" and x is not None and x.dim() == 4 and not x.is_contiguous():
         return False
     padding, kernel = getattr(layer, "padding", None), getattr(layer, "kernel_size", ())
     if padding == "same" and any(d * (k - 1) % 2 for d, k in zip(layer.dilation, kernel)):
@@ -128,7 +148,7 @@ def candidate_plans(layer, backend: str = "auto", x: torch.Tensor | None = None)
     ``backend="native"`` offers only the native plans, ``"torch"`` none of them."""
     if backend not in BACKENDS:
         raise ValueError(f"backend must be one of {', '.join(BACKENDS)}, got {backend!r}")
-    natives = ([native_plan(layer, v) for v in range(len(native.variants()))]
+    natives = ([native_plan(layer, v) for v in range(native_variant_count(layer.weights[0].device))]
                if backend != "torch" and native_applies(layer, x) else [])
     if backend == "native":
         return natives
@@ -160,21 +180,28 @@ def _group_segments(layer):
 @torch.no_grad()
 def compile_native(layer) -> dict[str, torch.Tensor]:
     """The native kernel's packed tensors for ``layer``: its per-group weights and index lists
-    as they are, each filter writing straight to its output channel (no reorder pass)."""
-    parts = torch.split(layer.in_index, layer.group_in) if len(layer.group_in) else []
-    out_channel = torch.argsort(layer.out_order)            # group-order position -> channel
-    weights = [w.detach() for w in layer.weights]
+    as they are, each filter writing straight to its output channel (no reorder pass). Packed on
+    the CPU; a CUDA layer's are then moved there (weight in its dtype) and the Triton kernel is
+    registered."""
+    parts = torch.split(layer.in_index.cpu(), layer.group_in) if len(layer.group_in) else []
+    out_channel = torch.argsort(layer.out_order.cpu())      # group-order position -> channel
+    weights = [w.detach().cpu() for w in layer.weights]
     if weights and weights[0].dim() == 2:                   # linear: [o, k] -> [o, k, 1, 1]
         weights = [w[:, :, None, None] for w in weights]
-    bias = None if layer.bias is None else layer.bias.detach()
+    bias = None if layer.bias is None else layer.bias.detach().cpu()
     bn, scale, shift = layer._folded_bn, None, None
     if bn is not None:                                      # y = scale * (conv + bias) + shift
         scale = torch.rsqrt(bn.running_var + bn.eps)
         shift = -bn.running_mean * scale
         if bn.affine:
             scale, shift = scale * bn.weight, shift * bn.weight + bn.bias
-        scale, shift = scale.detach()[out_channel], shift.detach()[out_channel]
-    return native.pack_conv(weights, list(parts), out_channel, bias=bias, scale=scale, shift=shift)
+        scale, shift = scale.detach().cpu()[out_channel], shift.detach().cpu()[out_channel]
+    packed = native.pack_conv(weights, list(parts), out_channel, bias=bias, scale=scale, shift=shift)
+    device = layer.weights[0].device if len(layer.weights) else torch.device("cpu")
+    if device.type == "cuda":
+        native_cuda.register()
+        packed = native_cuda.to_device(packed, device, layer.weights[0].dtype)
+    return packed
 
 
 @torch.no_grad()
@@ -281,7 +308,7 @@ def choose_plan(layer, x: torch.Tensor | None = None, repeats: int = 5, margin: 
     layer.eval()
     plans = {plan_label(plan): plan for plan in candidate_plans(layer, backend, x)}
     if not plans:
-        raise ValueError(f"the native kernel cannot run this layer: {native.unavailable_reason() or 'not float32 on the CPU with NCHW input'}")
+        raise ValueError(f"the native kernel cannot run this layer: {native.unavailable_reason() or 'it runs float32 CPU layers on NCHW input, and CUDA layers'}")
     if x is None:
         results = {label: estimate_cost(layer, plan) for label, plan in plans.items()}
     else:

@@ -28,6 +28,8 @@ Use::
 The ops are ``torch.ops.sgdet.diverse_conv2d`` / ``diverse_linear`` (fake kernels registered
 here, so torch.compile / torch.export see one op per layer and torch.jit.trace records it;
 load a traced file after ``import sgdet.deploy.native``). Inference only: float32, no autograd.
+On CUDA tensors the same ops run a Triton kernel instead (``triton_kernels.py``, registered on
+first use by ``cuda.py``; float32, float16, bfloat16; the packed dict moved by ``cuda.to_device``).
 Output channels no filter writes hold zero (the residual, through the ReLU, when given).
 
 ISAs: ``avx512`` (avx512f+bw+vl), ``avx2`` (avx2+fma) and ``portable`` (any CPU), detected in
@@ -103,7 +105,11 @@ def unavailable_reason() -> str | None:
     return _reason
 
 
-def _require() -> None:
+def _require(x: torch.Tensor | None = None) -> None:
+    if x is not None and x.device.type == "cuda":
+        from . import cuda         # CUDA tensors run the Triton kernel (registered on first use)
+        cuda.register()
+        return
     if _reason is not None:
         raise RuntimeError(f"sgdet native kernel unavailable: {_reason}")
 
@@ -250,8 +256,9 @@ def _check_grad(x: torch.Tensor) -> None:
 def conv2d(x, packed, stride=(1, 1), padding=(0, 0), dilation=(1, 1), out_channels=None,
            relu=False, residual=None, variant=0) -> torch.Tensor:
     """The packed layer on x [N, C_in, H, W] (float32): [N, out_channels, H_out, W_out],
-    relu(conv + bias (+ residual)) with the packed BN folded in. ``variant``: tile shape 0..3."""
-    _require()
+    relu(conv + bias (+ residual)) with the packed BN folded in. ``variant``: tile shape 0..3.
+    CUDA tensors (float32/16/bfloat16, packed moved by ``cuda.to_device``) run the Triton kernel."""
+    _require(x)
     _check_grad(x)
     width = packed["channel_filter"].shape[0] if out_channels is None else int(out_channels)
     return torch.ops.sgdet.diverse_conv2d(
@@ -262,7 +269,7 @@ def conv2d(x, packed, stride=(1, 1), padding=(0, 0), dilation=(1, 1), out_channe
 
 def linear(x, packed, relu=False, variant=0) -> torch.Tensor:
     """The packed linear layer (1x1 weights) on x [..., in_features]: [..., out_features]."""
-    _require()
+    _require(x)
     _check_grad(x)
     width = packed["channel_filter"].shape[0]
     flat = x.reshape(-1, x.shape[-1])
@@ -272,15 +279,19 @@ def linear(x, packed, relu=False, variant=0) -> torch.Tensor:
     return y.reshape(*x.shape[:-1], width)
 
 
-if _reason is None:
+def _register_python_side() -> None:
+    """The ops' fake kernels and FLOP formulas (called once the ops exist: at import where the
+    extension loaded, or by the Triton module where it defines the ops itself)."""
     try:
         @torch.library.register_fake("sgdet::diverse_conv2d")
         def _conv2d_fake(x, weight, bias, in_index, groups, out_channel, stride, padding,
                          dilation, out_channels, relu, residual, variant):
+            from .cuda import output_format       # the CUDA kernel keeps a channels_last input's layout
             kh, kw = weight.shape[0], weight.shape[1]
             ho = (x.shape[2] + 2 * padding[0] - dilation[0] * (kh - 1) - 1) // stride[0] + 1
             wo = (x.shape[3] + 2 * padding[1] - dilation[1] * (kw - 1) - 1) // stride[1] + 1
-            return x.new_empty((x.shape[0], out_channels, ho, wo))
+            return torch.empty((x.shape[0], out_channels, ho, wo), dtype=x.dtype, device=x.device,
+                               memory_format=output_format(x))
 
         @torch.library.register_fake("sgdet::diverse_linear")
         def _linear_fake(x, weight, bias, in_index, groups, out_channel, out_features, relu,
@@ -305,6 +316,9 @@ if _reason is None:
     except (RuntimeError, ValueError):   # already registered (module reloaded)
         pass
 
+
+if _reason is None:
+    _register_python_side()
     _forced = os.environ.get("SGDET_NATIVE_ISA", "").strip()
     if _forced and _forced != "auto":
         try:
