@@ -6,7 +6,7 @@ from __future__ import annotations
 import sgdet
 from sgdet.compress import validate_arguments as validate_sg_arguments
 from sgdet.config import CfgNode
-from sgdet.engine.validation import positive_float, positive_int
+from sgdet.engine.validation import count_convention, positive_float, positive_int
 from sgdet.errors import ConfigError
 from sgdet.grouping import GROUPINGS
 
@@ -66,6 +66,10 @@ def get_defaults() -> CfgNode:
     cfg.SG.EVAL_EACH_STEP = True   # evaluate after every pruning step (the curves of Figs. 4-6)
     cfg.SG.GROUPING = "kmeans"     # kmeans: self-grouping | fixed: equal groups by filter index
                                    # (CondenseNet's split, the same centroid pruning)
+
+    cfg.COUNT = CfgNode()
+    cfg.COUNT.CONVENTION = "sgdet"  # how results count Params/FLOPs: sgdet (every parameter, BN
+                                   # included) | paper (the authors' counter: sgdet.count docs)
 
     cfg.SWEEP = CfgNode()
     cfg.SWEEP.KEY = "SG.GROUPS"    # the config key the sweep varies; "A,B" varies several
@@ -158,4 +162,5 @@ def validate_config(cfg) -> None:
         raise ConfigError(f"SG.GROUPING must be one of {', '.join(GROUPINGS)}, got {cfg.SG.GROUPING!r}")
     positive_int(cfg.SG.LOCAL_EPOCHS, "SG.LOCAL_EPOCHS", 0)
     positive_float(cfg.SG.LOCAL_LR, "SG.LOCAL_LR")
+    count_convention(cfg.COUNT.CONVENTION, "COUNT.CONVENTION")
     _validate_compare(cfg.COMPARE)

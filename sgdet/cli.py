@@ -11,7 +11,7 @@ import os
 import sys
 
 from .checkpoint import read
-from .counting import count, format_count
+from .counting import CONVENTIONS, check_convention, count, format_count
 from .errors import ConfigError, run_entry_point
 
 
@@ -23,7 +23,9 @@ def _model_row(label: str, counts: dict, base: dict | None = None) -> dict:
     return row
 
 
-def _print_rows(rows: list[dict]) -> None:
+def _print_rows(rows: list[dict], convention: str = "sgdet") -> None:
+    if convention != "sgdet":
+        print(f"(params and FLOPs counted by the {convention} convention)")
     print("| Model | Params | FLOPs | Params pruned | FLOPs pruned |")
     print("|---|---|---|---|---|")
     for r in rows:
@@ -38,6 +40,7 @@ def cmd_compress(args: argparse.Namespace) -> None:
     from . import compress, models, save
     from .compress import validate_arguments
     validate_arguments(args.conv_ratio, args.fc_ratio, args.groups, args.step, args.seed, args.n_init)
+    check_convention(args.convention)
     if args.num_classes is not None and args.num_classes < 1:
         raise ConfigError(f"--num-classes must be >= 1, got {args.num_classes}")
     if os.path.isdir(args.out):
@@ -49,35 +52,41 @@ def cmd_compress(args: argparse.Namespace) -> None:
         models.load_dense_weights(model, args.weights)
     model.eval()
     size = models.input_size_of(args.arch)
-    base = count(model, size)
+    base = count(model, size, args.convention)
     records = compress(model, conv_ratio=args.conv_ratio, fc_ratio=args.fc_ratio,
                        groups=args.groups, step=args.step, seed=args.seed,
                        include=args.include or (), exclude=args.exclude, n_init=args.n_init,
                        progress=not args.json and sys.stderr.isatty())
-    after = count(model, size)
+    after = count(model, size, args.convention)
     label = f"{args.arch} (Conv-{round(100 * args.conv_ratio)}/FC-{round(100 * args.fc_ratio)})"
     rows = [_model_row(f"{args.arch} (baseline)", base), _model_row(label, after, base)]
     meta = {"conv_ratio": args.conv_ratio, "fc_ratio": args.fc_ratio, "groups": args.groups,
             "step": args.step, "seed": args.seed, "weights": args.weights,
-            "records": [r.to_dict() for r in records], "counts": {"baseline": base, "compressed": after}}
+            "records": [r.to_dict() for r in records], "counts": {"baseline": base, "compressed": after, "convention": args.convention}}
     save(model, args.out, meta=meta)
     if args.json:
-        print(json.dumps({"rows": rows, "out": args.out,
+        print(json.dumps({"rows": rows, "out": args.out, "convention": args.convention,
                           "steps": [{k: v for k, v in r.to_dict().items() if k != "layers"} for r in records]}))
     else:
-        _print_rows(rows)
+        _print_rows(rows, args.convention)
         print(f"saved {args.out}")
 
 
 def cmd_deploy(args: argparse.Namespace) -> None:
-    from . import deploy, load, save
+    from . import deploy, load, models, save
+    check_convention(args.convention)
+    arch = (read(args.file).get("arch") or {}).get("name")
     model = load(args.file)
     deployed = deploy(model)
     save(deployed, args.out, meta=getattr(model, "sgdet_meta", None))
-    if not args.json:
-        print(f"saved deployed model {args.out}")
-    else:
-        print(json.dumps({"out": args.out}))
+    # the deployed model's counts (the masked model's under the paper convention)
+    counts = count(deployed, models.input_size_of(arch), args.convention) if arch else None
+    if args.json:
+        print(json.dumps({"out": args.out, "counts": counts, "convention": args.convention}))
+        return
+    print(f"saved deployed model {args.out}")
+    if counts:
+        print(_totals_line(counts, args.convention))
 
 
 def cmd_export(args: argparse.Namespace) -> None:
@@ -121,22 +130,23 @@ def cmd_export(args: argparse.Namespace) -> None:
 
 def cmd_info(args: argparse.Namespace) -> None:
     from . import load, models
+    check_convention(args.convention)
     payload = read(args.file)
     layers = payload["modules"]
     arch = payload.get("arch") or {}
     totals = None
     if arch and not args.no_count:
         model = load(args.file)
-        totals = count(model, models.input_size_of(arch["name"]))
+        totals = count(model, models.input_size_of(arch["name"]), args.convention)
     if args.json:
         print(json.dumps({"arch": arch, "form": payload.get("form"), "counts": totals,
+                          "convention": args.convention,
                           "layers": {n: {"type": e["type"], **e.get("summary", {})} for n, e in layers.items()},
                           "meta": {k: v for k, v in (payload.get("meta") or {}).items() if k != "records"}}))
         return
     print(f"architecture: {arch.get('name', 'unknown')}   form: {payload.get('form')}")
     if totals:
-        print(f"params: {format_count(totals['params'])} ({totals['params']})   "
-              f"FLOPs: {format_count(totals['flops'])} ({totals['flops']} MACs)")
+        print(_totals_line(totals, args.convention))
     print("| Layer | Type | Groups | Group sizes | Kept inputs per group | In | Pruned |")
     print("|---|---|---|---|---|---|---|")
     for name, entry in layers.items():
@@ -145,6 +155,19 @@ def cmd_info(args: argparse.Namespace) -> None:
             continue
         print(f"| {name} | {entry['type']} | {s['groups']} | {_short(s['group_sizes'])} | "
               f"{_short(s['kept_inputs'])} | {s['in_features']} | {100 * s['pruned']:.1f}% |")
+
+
+def _totals_line(totals: dict, convention: str) -> str:
+    note = "" if convention == "sgdet" else f"   ({convention} convention)"
+    return (f"params: {format_count(totals['params'])} ({totals['params']})   "
+            f"FLOPs: {format_count(totals['flops'])} ({totals['flops']} MACs){note}")
+
+
+def _add_convention(p: argparse.ArgumentParser) -> None:
+    # checked by check_convention (one line), not argparse choices (a usage block)
+    p.add_argument("--convention", default="sgdet", metavar="{" + ",".join(CONVENTIONS) + "}",
+                   help="how params and FLOPs are counted: sgdet (default: every parameter, "
+                   "BatchNorm included) or paper (the authors' counter, sgdet.count's convention)")
 
 
 def _short(values: list, limit: int = 16) -> str:
@@ -180,12 +203,14 @@ def build_parser() -> argparse.ArgumentParser:
                    "(replaces the default '*downsample*')")
     p.add_argument("--out", required=True, help="checkpoint to write")
     p.add_argument("--json", action="store_true", help="machine-readable output")
+    _add_convention(p)
     p.set_defaults(func=cmd_compress)
 
     p = sub.add_parser("deploy", help="convert a masked checkpoint into diverse group convolutions")
     p.add_argument("file")
     p.add_argument("--out", required=True)
     p.add_argument("--json", action="store_true")
+    _add_convention(p)
     p.set_defaults(func=cmd_deploy)
 
     p = sub.add_parser("export", help="write a deployed (or masked: deployed first) checkpoint as "
@@ -211,6 +236,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("file")
     p.add_argument("--json", action="store_true")
     p.add_argument("--no-count", action="store_true", help="skip building the model to count it")
+    _add_convention(p)
     p.set_defaults(func=cmd_info)
     return parser
 

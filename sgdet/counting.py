@@ -1,8 +1,12 @@
 """Params and FLOPs (multiply-accumulates, as in the paper) of dense, masked and deployed models.
 
-Params count every parameter once, except that an SG layer's weight counts only its kept
-connections. FLOPs count the MACs of convolutions and linear layers from one forward pass on a
-dummy input; for a deployed model they agree with torch.utils.flop_counter.FlopCounterMode / 2.
+Two conventions, one counter (``count(..., convention=...)``):
+- ``"sgdet"`` (the default): params count every parameter once (BatchNorm included), except that
+  an SG layer's weight counts only its kept connections. FLOPs count the MACs of convolutions and
+  linear layers from one forward pass on a dummy input; for a deployed model they are what its
+  execution plan runs and agree with torch.utils.flop_counter.FlopCounterMode / 2.
+- ``"paper"``: the authors' counter (``sgdet/counting_paper.py`` says its rules): 2 params per
+  live output channel of a masked conv instead of the real BatchNorms, no masked-layer biases.
 """
 from __future__ import annotations
 
@@ -11,7 +15,19 @@ from typing import Sequence
 import torch
 from torch import nn
 
+from .errors import ConfigError
 from .layers import SGConv2d, SGLinear, is_sg_layer
+
+#: the known counting conventions, the default first
+CONVENTIONS: tuple[str, ...] = ("sgdet", "paper")
+
+
+def check_convention(convention: str) -> str:
+    """``convention`` if known, else a one-line ConfigError (a ValueError) naming the known ones."""
+    if convention not in CONVENTIONS:
+        raise ConfigError(f"unknown counting convention {convention!r}; "
+                          f"choose from: {', '.join(CONVENTIONS)}")
+    return convention
 
 
 def _layer_macs(module: nn.Module, inputs: tuple, output: torch.Tensor) -> int:
@@ -30,7 +46,10 @@ def _layer_macs(module: nn.Module, inputs: tuple, output: torch.Tensor) -> int:
     return 0
 
 
-def count_params(model: nn.Module) -> int:
+def count_params(model: nn.Module, convention: str = "sgdet") -> int:
+    if check_convention(convention) == "paper":
+        from .counting_paper import paper_params
+        return paper_params(model)
     sg_weights = {id(m.weight): m.kept_connections() for m in model.modules() if is_sg_layer(m)}
     total = 0
     for p in model.parameters():              # parameters() yields each shared tensor once
@@ -40,8 +59,13 @@ def count_params(model: nn.Module) -> int:
 
 @torch.no_grad()
 def count_flops(model: nn.Module, input_size: Sequence[int] = (3, 224, 224),
-                example: torch.Tensor | None = None) -> int:
+                example: torch.Tensor | None = None, convention: str = "sgdet") -> int:
     """MACs of one forward pass on a single example of shape ``input_size`` (no batch dim)."""
+    if check_convention(convention) == "paper":
+        from .counting_paper import PAPER_LEAF_TYPES, paper_layer_macs
+        layer_macs, leaf_types = paper_layer_macs, PAPER_LEAF_TYPES
+    else:
+        layer_macs, leaf_types = _layer_macs, (nn.Conv2d, nn.Linear)
     try:
         device = next(model.parameters()).device
     except StopIteration:
@@ -50,9 +74,8 @@ def count_flops(model: nn.Module, input_size: Sequence[int] = (3, 224, 224),
     total = [0]
 
     def hook(module, inputs, output):
-        total[0] += _layer_macs(module, inputs, output)
+        total[0] += layer_macs(module, inputs, output)
 
-    leaf_types = (nn.Conv2d, nn.Linear)
     handles = [m.register_forward_hook(hook) for m in model.modules()
                if isinstance(m, leaf_types) or callable(getattr(m, "sg_macs", None))]
     was_training = model.training
@@ -66,9 +89,14 @@ def count_flops(model: nn.Module, input_size: Sequence[int] = (3, 224, 224),
     return total[0] // x.shape[0]
 
 
-def count(model: nn.Module, input_size: Sequence[int] = (3, 224, 224)) -> dict[str, int]:
-    """{'params': ..., 'flops': ...} with flops as multiply-accumulates for one example."""
-    return {"params": count_params(model), "flops": count_flops(model, input_size)}
+def count(model: nn.Module, input_size: Sequence[int] = (3, 224, 224),
+          convention: str = "sgdet") -> dict[str, int]:
+    """{'params': ..., 'flops': ...} with flops as multiply-accumulates for one example, counted
+    by ``convention``: "sgdet" (default: every parameter, BatchNorm included) or "paper" (the
+    authors' counter: torchvision DenseNet201 is their 19.82M / 4.29G)."""
+    check_convention(convention)
+    return {"params": count_params(model, convention),
+            "flops": count_flops(model, input_size, convention=convention)}
 
 
 _SCALES = {"G": 1e9, "M": 1e6, "K": 1e3}

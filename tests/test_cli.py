@@ -104,7 +104,9 @@ def test_deploy_then_info(compressed_file, tmp_path, capsys):
     a, b = sgdet.load(out).eval(), sgdet.load(target).eval()
     assert torch.allclose(a(x), b(x), atol=1e-5)
     assert main(["deploy", str(out), "--out", str(tmp_path / "j.sg.pt"), "--json"]) == 0
-    assert json.loads(capsys.readouterr().out) == {"out": str(tmp_path / "j.sg.pt")}
+    report = json.loads(capsys.readouterr().out)
+    assert report["out"] == str(tmp_path / "j.sg.pt") and report["convention"] == "sgdet"
+    assert report["counts"] == masked["counts"]      # the LeNet deploy drops no BN channel
 
 
 def test_compress_text_output_and_weights(tmp_path, capsys):

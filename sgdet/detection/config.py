@@ -6,7 +6,7 @@ is a value that cannot run (``validate_config``: one line naming the key)."""
 from __future__ import annotations
 
 from sgdet.config import CfgNode
-from sgdet.engine.validation import positive_float, positive_int
+from sgdet.engine.validation import count_convention, positive_float, positive_int
 from sgdet.errors import ConfigError
 
 from .backbones import BACKBONE_REGISTRY
@@ -74,6 +74,7 @@ def get_defaults() -> CfgNode:
     cfg.TEST.IMS_PER_BATCH = 2            # per process
     cfg.TEST.DETECTIONS_PER_IMAGE = 100
     cfg.TEST.DEPLOY = False               # evaluate the deployed (diverse group conv) form
+    cfg.TEST.COUNT_CONVENTION = "sgdet"   # Params/FLOPs of the table: sgdet | paper (sgdet.count)
     return cfg
 
 
@@ -130,3 +131,4 @@ def validate_config(cfg, training: bool = True) -> None:
     positive_int(cfg.TEST.EVAL_PERIOD, "TEST.EVAL_PERIOD", 0)
     positive_int(cfg.TEST.IMS_PER_BATCH, "TEST.IMS_PER_BATCH")
     positive_int(cfg.TEST.DETECTIONS_PER_IMAGE, "TEST.DETECTIONS_PER_IMAGE")
+    count_convention(cfg.TEST.COUNT_CONVENTION, "TEST.COUNT_CONVENTION")

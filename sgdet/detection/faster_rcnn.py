@@ -141,8 +141,10 @@ class _FPNCost(nn.Module):
         return self.predictor(self.head(x.new_zeros((1,) + self.roi_shape)))
 
 
-def detector_counts(model: FasterRCNN, input_size: Sequence[int] = (3, 224, 224)) -> dict[str, int]:
-    """Params and FLOPs of a Faster R-CNN built by :func:`build_faster_rcnn`, Table 6's way.
+def detector_counts(model: FasterRCNN, input_size: Sequence[int] = (3, 224, 224),
+                    convention: str = "sgdet") -> dict[str, int]:
+    """Params and FLOPs of a Faster R-CNN built by :func:`build_faster_rcnn`, Table 6's way
+    (``convention``: sgdet.count's; "paper" counts backbone, head and predictor as one network).
 
     - ``params``: backbone + RoI box head + box predictor (pruned connections not counted, BN and
       biases counted). For C4 this is the classification network with its 1000-way fc replaced by
@@ -156,7 +158,6 @@ def detector_counts(model: FasterRCNN, input_size: Sequence[int] = (3, 224, 224)
     """
     backbone = model.backbone
     head, predictor = model.roi_heads.box_head, model.roi_heads.box_predictor
-    params = count_params(backbone) + count_params(head) + count_params(predictor)
     pooler = model.roi_heads.box_roi_pool
     is_c4 = hasattr(head, "representation_size") and len(getattr(pooler, "featmap_names", [])) == 1
     if is_c4:
@@ -165,6 +166,7 @@ def detector_counts(model: FasterRCNN, input_size: Sequence[int] = (3, 224, 224)
         size = pooler.output_size if isinstance(pooler.output_size, (tuple, list)) else (pooler.output_size,) * 2
         wrapper = _FPNCost(backbone, head, predictor, (backbone.out_channels, *size))
     wrapper.train(model.training)    # count_flops restores the wrapper's mode: keep the model's
-    flops = count_flops(wrapper, input_size)
-    return {"params": params, "flops": flops, "rpn_params": count_params(model.rpn),
-            "total_params": count_params(model)}
+    params = count_params(wrapper, convention)   # backbone + head + predictor, each tensor once
+    flops = count_flops(wrapper, input_size, convention=convention)
+    return {"params": params, "flops": flops, "rpn_params": count_params(model.rpn, convention),
+            "total_params": count_params(model, convention)}

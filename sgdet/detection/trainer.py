@@ -77,7 +77,8 @@ class DetectionTrainer(Trainer):
                 "momentum": float(cfg.SOLVER.MOMENTUM), "weight_decay": float(cfg.SOLVER.WEIGHT_DECAY),
                 "epochs": int(cfg.SOLVER.EPOCHS), "eval_period": int(cfg.TEST.EVAL_PERIOD),
                 "checkpoint_period": int(cfg.SOLVER.CHECKPOINT_PERIOD),
-                "lr_factor": lambda epoch: gamma ** sum(1 for e in decay if epoch >= e)}
+                "lr_factor": lambda epoch: gamma ** sum(1 for e in decay if epoch >= e),
+                "count_convention": str(cfg.TEST.COUNT_CONVENTION)}
 
     def default_label(self) -> str:
         return f"Faster R-CNN {self.cfg.MODEL.BACKBONE.NAME}"
@@ -89,7 +90,7 @@ class DetectionTrainer(Trainer):
         return None            # Table 6 counts detection epochs only
 
     def counts(self) -> dict:
-        return detector_counts(self.model, self.input_size)
+        return detector_counts(self.model, self.input_size, self.hp["count_convention"])
 
     # ------------------------------------------------------------------------------ training
     def losses(self, batch) -> tuple[dict, dict]:

@@ -178,13 +178,14 @@ class Trainer(CheckpointedRun, CompressionRun):
                 "workers": int(cfg.DATA.WORKERS), "lr": float(cfg.SOLVER.LR),
                 "momentum": float(cfg.SOLVER.MOMENTUM), "weight_decay": float(cfg.SOLVER.WEIGHT_DECAY),
                 "epochs": int(cfg.SOLVER.EPOCHS), "eval_period": int(cfg.SOLVER.EVAL_PERIOD),
-                "checkpoint_period": int(cfg.SOLVER.CHECKPOINT_PERIOD), "lr_factor": lr_factor_fn(cfg)}
+                "checkpoint_period": int(cfg.SOLVER.CHECKPOINT_PERIOD), "lr_factor": lr_factor_fn(cfg),
+                "count_convention": str(cfg.COUNT.CONVENTION)}
 
     def default_label(self) -> str:
         return pretty_arch(self.cfg.MODEL.ARCH)
 
     def counts(self) -> dict:
-        return sgdet.count(self.model, self.input_size)
+        return sgdet.count(self.model, self.input_size, self.hp.get("count_convention", "sgdet"))
 
     def losses(self, batch) -> tuple[dict | None, dict]:
         """Forward one batch: (its loss dict, or None to skip the batch; statistics the epoch

@@ -4,12 +4,20 @@ from __future__ import annotations
 
 import math
 
+from sgdet.counting import CONVENTIONS
 from sgdet.errors import ConfigError
 
 
 def positive_int(value, key: str, minimum: int = 1) -> int:
     if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
         raise ConfigError(f"{key} must be an integer >= {minimum}, got {value!r}")
+    return value
+
+
+def count_convention(value, key: str) -> str:
+    """A counting convention of sgdet.count ("sgdet" or "paper")."""
+    if value not in CONVENTIONS:
+        raise ConfigError(f"{key} must be one of {', '.join(CONVENTIONS)}, got {value!r}")
     return value
 
 
