@@ -102,6 +102,7 @@ def cmd_export(args: argparse.Namespace) -> None:
         raise ConfigError(f"--out {args.out} is a directory; give a file name")
     if args.batch < 1:
         raise ConfigError(f"--batch must be >= 1, got {args.batch}")
+    check_convention(args.convention)
     if args.format == "onnx":
         from .deploy.export import _require_onnx
         _require_onnx()                # say so before spending time on loading and deploying
@@ -119,7 +120,7 @@ def cmd_export(args: argparse.Namespace) -> None:
         from .deploy.optimize import optimize
         optimize(model, example if args.calibrate else None, backend=args.backend)
     info = export(model, args.out, args.format, example, opset=args.opset)
-    info["deployed_params"] = count_params(model)
+    info["deployed_params"] = count_params(model, args.convention)
     if args.json:
         print(json.dumps(info))
         return
@@ -230,6 +231,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--batch", type=int, default=1, help="example batch (the exported batch is dynamic)")
     p.add_argument("--opset", type=int, default=17, help="ONNX opset, 17 or later")
     p.add_argument("--json", action="store_true")
+    _add_convention(p)
     p.set_defaults(func=cmd_export)
 
     p = sub.add_parser("info", help="per-layer groups and kept channels of a checkpoint")

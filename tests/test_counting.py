@@ -340,3 +340,19 @@ def test_classification_eval_reports_by_config_convention(tmp_path):
         assert (record["params"], record["flops"]) == (expected["params"], expected["flops"])
         params[convention] = record["params"]
     assert params["paper"] < params["sgdet"]          # no conv2/FC biases, 2 per live conv2 filter
+
+
+def test_cli_export_counts_by_convention(tmp_path, capsys):
+    out = tmp_path / "lenet.sg.pt"
+    assert main(["compress", "--arch", "lenet5", "--conv-ratio", "0.5", "--fc-ratio", "0.5",
+                 "--groups", "4", "--out", str(out), "--json"]) == 0
+    capsys.readouterr()
+    params = {}
+    for convention in ("sgdet", "paper"):
+        target = tmp_path / f"lenet_{convention}.pt"
+        assert main(["export", str(out), "--format", "torchscript", "--out", str(target), "--json",
+                     "--convention", convention]) == 0
+        params[convention] = json.loads(capsys.readouterr().out)["deployed_params"]
+    model = sgdet.load(out)
+    assert params == {c: sgdet.count_params(sgdet.deploy(model), c) for c in ("sgdet", "paper")}
+    assert params["paper"] == sgdet.count_params(model, "paper") < params["sgdet"]
