@@ -11,7 +11,11 @@ variant the seeded order put after it most often. The dense baseline is timed in
 the layout alone. Weights are random (kaiming init, seeded); compression is one-shot.
 Writes <out>.json and <out>.md (default benchmarks/results/deploy_speed). Targets (issue 4, CPU,
 batch 8, whole network vs dense): never below 1.0x for a model or a layer; ResNet50 Conv-60/FC-60
->= 1.3x, Conv-80/FC-60 >= 1.6x."""
+>= 1.3x, Conv-80/FC-60 >= 1.6x.
+
+On a GPU (``--device cuda``) the settings run the GPU protocol of deploy_speed_gpu.py instead:
+float16 and float32, dense and fast models each eager and torch.compiled (``--dtypes``,
+``--compile-mode``), e.g. ``--device cuda --batches 8 64``."""
 from __future__ import annotations
 
 import argparse
@@ -185,6 +189,7 @@ def machine_info(threads: int) -> dict:
         pass
     if torch.cuda.is_available():
         info["gpu"] = torch.cuda.get_device_name(0)
+        info["cuda"] = torch.version.cuda
     try:
         import onnxruntime
         info["onnxruntime"] = onnxruntime.__version__
@@ -194,7 +199,15 @@ def machine_info(threads: int) -> dict:
 
 
 def markdown(payload: dict) -> str:
+    gpu_results = [r for r in payload["results"] if r.get("protocol") == "gpu"]
+    payload = {**payload, "results": [r for r in payload["results"] if r.get("protocol") != "gpu"]}
     m = payload["machine"]
+    if gpu_results and not payload["results"]:        # a GPU run: its own table only
+        from deploy_speed_gpu import gpu_markdown
+        head = (f"Machine: {m.get('gpu', 'no GPU')} (CUDA {m.get('cuda', '-')}), {m.get('cpu_model', m['processor'])}, "
+                f"torch {m['torch']}, {m['when']}. Random weights, one-shot compression, g = 16, 224 px; median of "
+                f"{payload['repeats']} interleaved runs after {payload['warmup']} warm-ups.")
+        return "\n".join([f"# Deployment speed ({payload['label']})", "", head] + gpu_markdown(gpu_results)) + "\n"
     lines = [f"# Deployment speed ({payload['label']})", "",
              f"Machine: {m.get('cpu_model', m['processor'])}, {m['cpu_count']} cores, torch {m['torch']} "
              f"({m['torch_threads']} threads){', GPU ' + m['gpu'] if m.get('gpu') else ''}, "
@@ -263,7 +276,8 @@ def markdown(payload: dict) -> str:
             lines.append(f"| {r['arch']} Conv-{round(100 * r['conv_ratio'])} | {r['device']} | {len(speeds)} | "
                          f"{sum(s < 1.0 for s in speeds)} | {w['layer']} | {w['plan']} | {w['speedup']:.2f}x | "
                          f"{statistics.median(speeds):.2f}x |")
-    return "\n".join(lines) + "\n"
+    from deploy_speed_gpu import gpu_markdown
+    return "\n".join(lines + gpu_markdown(gpu_results)) + "\n"
 
 
 def resumed_run(path: str, repeats: int, warmup: int, threads: int) -> dict:
@@ -290,6 +304,14 @@ def main(argv=None) -> None:
     parser.add_argument("--groups", type=int, default=16)
     parser.add_argument("--batches", nargs="+", type=int, default=[1, 8])
     parser.add_argument("--devices", nargs="+", default=["cpu", "cuda"], help="cuda is skipped where absent")
+    parser.add_argument("--device", default=None, help="run on this device only (cuda: an error where absent)")
+    parser.add_argument("--protocol", choices=["auto", "cpu", "gpu"], default="auto",
+                        help="auto: the GPU protocol (deploy_speed_gpu.py) on CUDA, the CPU one elsewhere")
+    parser.add_argument("--dtypes", nargs="+", choices=["float16", "float32", "bfloat16"],
+                        default=["float16", "float32"], help="GPU protocol: activation/weight dtypes")
+    parser.add_argument("--compile-mode", default="default",
+                        help="GPU protocol: torch.compile mode for dense and fast (default, reduce-overhead, "
+                             "max-autotune, ...; off: eager only)")
     parser.add_argument("--repeats", type=int, default=10)
     parser.add_argument("--warmup", type=int, default=3)
     parser.add_argument("--calib-repeats", type=int, default=3)
@@ -308,6 +330,10 @@ def main(argv=None) -> None:
                              "(a run cut short; repeats, warm-up and threads must match)")
     args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
+    if args.device is not None:
+        if args.device.startswith("cuda") and not torch.cuda.is_available():
+            sys.exit(f"deploy_speed: error: --device {args.device} but no CUDA device is available")
+        args.devices = [args.device]
     devices = [torch.device(d) for d in args.devices if d != "cuda" or torch.cuda.is_available()]
     log = lambda text: print(text, file=sys.stderr, flush=True)       # noqa: E731
     results = []
@@ -324,6 +350,14 @@ def main(argv=None) -> None:
             for ratio in args.ratios:
                 if (str(device), arch, ratio) in done:
                     log(f"{arch} Conv-{round(ratio * 100)} {device}: kept from {args.out}.json")
+                    continue
+                if args.protocol == "gpu" or (args.protocol == "auto" and device.type == "cuda"):
+                    from deploy_speed_gpu import run_gpu_setting
+                    results.append(run_gpu_setting(arch, ratio, args.fc_ratio, args.groups, device, args.batches,
+                                                   args.dtypes, args.repeats, args.warmup, args.calib_repeats,
+                                                   args.compile_mode, None if args.no_layers else per_layer, log))
+                    write_text(args.out + ".json", json.dumps(payload, indent=1))
+                    write_text(args.out + ".md", markdown(payload))
                     continue
                 results.append(run_setting(arch, ratio, args.fc_ratio, args.groups, device, args.batches,
                                            args.repeats, args.warmup, args.calib_repeats,
