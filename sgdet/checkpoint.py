@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import os
 import pickle
-import zipfile
+import re
 from typing import Any
 
 import torch
@@ -107,6 +107,36 @@ def save(model: nn.Module, path: str | os.PathLike, meta: dict | None = None,
     torch_save(payload, path)
 
 
+_GLOBAL = re.compile(r"GLOBAL ([\w.]+)")
+_ESCAPE = re.compile(r"\x1b\[[0-9;]*m")
+
+
+def torch_load(path: str | os.PathLike) -> Any:
+    """``torch.load(path, weights_only=True)`` on the CPU, the one way the suite reads a torch file
+    (sgdet checkpoints here, dense state dicts in ``models.load_dense_weights``). A file torch
+    refuses (pickled modules or classes: sgdet never unpickles code) or cannot read (truncated,
+    corrupt, not a torch file) is a CheckpointError in one line, "<path> is not a safe sgdet
+    checkpoint (...)", never torch's advice on how to unpickle it."""
+    path = os.fspath(path)
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except OSError:
+        raise                          # missing, a directory, no permission: said as such
+    except pickle.UnpicklingError as exc:
+        found = _GLOBAL.search(str(exc))
+        if found or "Weights only load failed. This file can still be loaded" in str(exc):
+            what = f"a pickled {found.group(1)}" if found else "pickled Python objects"
+            reason = (f"it holds {what}, and sgdet never unpickles code; save the model with "
+                      "sgdet.save, or its state_dict() with torch.save")
+        else:
+            reason = "not a torch file, or a truncated or corrupt one"
+    except Exception as exc:           # noqa: BLE001 - torch raises RuntimeError, EOFError, ...
+        first = _ESCAPE.sub("", str(exc)).strip().splitlines()
+        first = first[0].split(". ")[0].rstrip(".") if first else ""
+        reason = "truncated or corrupt" + (f": {first}" if first else "")
+    raise CheckpointError(f"{path} is not a safe sgdet checkpoint ({reason})") from None
+
+
 def peek(path: str | os.PathLike) -> dict | None:
     """The header of an sgdet checkpoint (``arch``, ``form``, ``meta``, ...: everything but the
     tensors), or None when ``path`` is no readable sgdet checkpoint. Never raises, never
@@ -129,17 +159,7 @@ def read(path: str | os.PathLike) -> dict:
     path = os.fspath(path)
     if not os.path.isfile(path):
         raise CheckpointError(f"checkpoint not found: {path}")
-    try:
-        payload = torch.load(path, map_location="cpu", weights_only=True)
-    except pickle.UnpicklingError as exc:
-        if "Weights only load failed" not in str(exc) or not zipfile.is_zipfile(path):
-            raise CheckpointError(f"{path} is not a readable checkpoint (truncated or corrupt?)") from None
-        raise CheckpointError(f"{path} holds pickled Python objects, not an sgdet checkpoint "
-                              "(sgdet never unpickles code; re-save with sgdet.save)") from None
-    except Exception as exc:
-        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-        first = first.split(". ")[0]
-        raise CheckpointError(f"{path} is not a readable checkpoint (truncated or corrupt?): {first}") from None
+    payload = torch_load(path)
     if not isinstance(payload, dict) or payload.get("format") != FORMAT:
         raise CheckpointError(f"{path} is not an sgdet checkpoint (for a plain state dict use --weights)")
     if payload.get("version", 0) > VERSION:

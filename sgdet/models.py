@@ -108,7 +108,13 @@ INPUT_SIZES: dict[str, tuple[int, int, int]] = {"lenet5": (1, 28, 28),
                                                 "densenet121_cifar": (3, 32, 32)}
 
 
-def input_size_of(arch: str) -> tuple[int, int, int]:
+def input_size_of(arch: str | dict) -> tuple[int, int, int]:
+    """The input size ``arch`` is counted at: a registered name, or a checkpoint's ``arch`` entry
+    (``{"name", "kwargs"}``), whose ``in_channels`` (a lenet5 for RGB data) sets the channels."""
+    if isinstance(arch, dict):
+        channels = (arch.get("kwargs") or {}).get("in_channels")
+        size = input_size_of(str(arch.get("name")))
+        return size if channels is None else (int(channels), *size[1:])
     return INPUT_SIZES.get(arch, (3, 224, 224))
 
 
@@ -213,11 +219,8 @@ def load_dense_weights(model: nn.Module, path: str) -> nn.Module:
     import os
     if not os.path.isfile(path):
         raise CheckpointError(f"weights file not found: {path}")
-    try:
-        blob = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as exc:
-        raise CheckpointError(f"cannot read weights {path}: {exc.__class__.__name__}: "
-                              f"{str(exc).splitlines()[0] if str(exc) else 'corrupt file'}") from None
+    from .checkpoint import torch_load      # checkpoint imports this module
+    blob = torch_load(path)
     blob = _unwrap_state_dict(blob)
     if not isinstance(blob, dict) or not blob or not all(isinstance(v, torch.Tensor) for v in blob.values()):
         raise CheckpointError(f"{path} holds no state dict of tensors")

@@ -168,9 +168,11 @@ def _bad_files(tmp_path, good):
 
 
 @pytest.mark.parametrize("kind,phrase", [
-    ("truncated", "not a readable checkpoint"), ("random", "not a readable checkpoint"),
-    ("empty", "not a readable checkpoint"), ("state_dict", "not an sgdet checkpoint"),
-    ("pickled_module", "pickled Python objects, not an sgdet checkpoint"), ("tensor", "not an sgdet checkpoint"),
+    ("truncated", "not a safe sgdet checkpoint (truncated or corrupt"),
+    ("random", "not a safe sgdet checkpoint (not a torch file"),
+    ("empty", "not a safe sgdet checkpoint (truncated or corrupt"), ("state_dict", "not an sgdet checkpoint"),
+    ("pickled_module", "not a safe sgdet checkpoint (it holds a pickled sgdet.models.LeNet5"),
+    ("tensor", "not an sgdet checkpoint"),
     ("missing", "not found"), ("directory", ("not found", "directory")),
 ])
 def test_bad_files_raise_checkpoint_error(tmp_path, good_file, kind, phrase):

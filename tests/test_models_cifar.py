@@ -166,7 +166,8 @@ def test_load_dense_weights_checkpoint_styles(tmp_path, style):
 def test_load_dense_weights_refuses_pickled_modules_and_mismatches(tmp_path):
     pickled = tmp_path / "module.pth"
     torch.save(nn.Sequential(nn.Linear(2, 2)), pickled)
-    with pytest.raises(CheckpointError, match="cannot read weights"):
+    with pytest.raises(CheckpointError, match=r"module.pth is not a safe sgdet checkpoint \(it holds a pickled "
+                       r"torch.nn.modules.container.Sequential"):
         load_dense_weights(_fresh(), str(pickled))
     imagenet = tmp_path / "imagenet.pth"
     torch.save(torchvision.models.densenet121(num_classes=10).state_dict(), imagenet)
