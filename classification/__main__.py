@@ -8,11 +8,10 @@
     demo      [...]                                      LeNet-5 on Fashion-MNIST end to end
 
 Thin: parses arguments and calls the pipeline; user errors print one line and exit 2."""
-import argparse
 import sys
 
 from sgdet.engine.cli import add_config_verb, overrides_and_resume
-from sgdet.errors import run_entry_point
+from sgdet.errors import ArgumentParser, run_entry_point
 
 _HELP = {"train": "baseline training (SOLVER.*)",
          "compress": "self-grouping compression with the SG.SCHEME fine-tuning",
@@ -23,7 +22,7 @@ _HELP = {"train": "baseline training (SOLVER.*)",
 
 
 def main(argv=None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m classification")
+    parser = ArgumentParser(prog="python -m classification", voice="classification")
     sub = parser.add_subparsers(dest="command", required=True)
     for verb in ("train", "compress", "eval", "sweep", "compare"):
         add_config_verb(sub, verb, _HELP[verb])

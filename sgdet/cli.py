@@ -7,12 +7,12 @@ from __future__ import annotations
 import argparse
 import json
 import logging
-import os
 import sys
 
 from .checkpoint import read
 from .counting import CONVENTIONS, check_convention, count, format_count
-from .errors import ConfigError, run_entry_point
+from .errors import ArgumentParser, ConfigError, run_entry_point
+from .files import check_writable
 
 
 def _model_row(label: str, counts: dict, base: dict | None = None) -> dict:
@@ -43,8 +43,10 @@ def cmd_compress(args: argparse.Namespace) -> None:
     check_convention(args.convention)
     if args.num_classes is not None and args.num_classes < 1:
         raise ConfigError(f"--num-classes must be >= 1, got {args.num_classes}")
-    if os.path.isdir(args.out):
-        raise ConfigError(f"--out {args.out} is a directory; give a file name")
+    if args.arch in models.LAZY_ARCHITECTURES:
+        raise ConfigError(f"--arch {args.arch} is a detector, which sgdet compress cannot build: compress "
+                          "its backbone (e.g. --arch resnet50) and train the detector with tools/train_net.py")
+    check_writable(args.out, "--out")  # before the compression, not after it
     torch.manual_seed(args.seed)
     kwargs = {} if args.num_classes is None else {"num_classes": args.num_classes}
     model = models.build(args.arch, **kwargs)
@@ -75,7 +77,8 @@ def cmd_compress(args: argparse.Namespace) -> None:
 def cmd_deploy(args: argparse.Namespace) -> None:
     from . import deploy, load, models, save
     check_convention(args.convention)
-    arch = (read(args.file).get("arch") or {}).get("name")
+    check_writable(args.out, "--out")
+    arch = read(args.file).get("arch")     # its name and kwargs (in_channels) give the input size
     model = load(args.file)
     deployed = deploy(model)
     save(deployed, args.out, meta=getattr(model, "sgdet_meta", None))
@@ -98,15 +101,14 @@ def cmd_export(args: argparse.Namespace) -> None:
     from .deploy.export import FORMATS, export
     if args.format not in FORMATS:     # argparse choices would print a usage block, not one line
         raise ConfigError(f"unknown --format {args.format!r}; choose from: {', '.join(FORMATS)}")
-    if os.path.isdir(args.out):
-        raise ConfigError(f"--out {args.out} is a directory; give a file name")
+    check_writable(args.out, "--out")
     if args.batch < 1:
         raise ConfigError(f"--batch must be >= 1, got {args.batch}")
     check_convention(args.convention)
     if args.format == "onnx":
         from .deploy.export import _require_onnx
         _require_onnx()                # say so before spending time on loading and deploying
-    arch = (read(args.file).get("arch") or {}).get("name")
+    arch = read(args.file).get("arch")     # its name and kwargs (in_channels) give the input size
     model = load(args.file)
     if form_of(model) == "masked":
         model = deploy(model)          # a masked checkpoint is deployed first
@@ -138,7 +140,7 @@ def cmd_info(args: argparse.Namespace) -> None:
     totals = None
     if arch and not args.no_count:
         model = load(args.file)
-        totals = count(model, models.input_size_of(arch["name"]), args.convention)
+        totals = count(model, models.input_size_of(arch), args.convention)
     if args.json:
         print(json.dumps({"arch": arch, "form": payload.get("form"), "counts": totals,
                           "convention": args.convention,
@@ -184,13 +186,20 @@ def _ratio(text: str) -> float:
     return value
 
 
+def compressible_archs() -> list[str]:
+    """The registered architectures ``sgdet compress`` builds (detectors are not among them)."""
+    from .models import ARCHITECTURES, LAZY_ARCHITECTURES
+    return sorted(name for name in ARCHITECTURES if name not in LAZY_ARCHITECTURES)
+
+
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="sgdet", description="Self-grouping CNN compression.")
+    parser = ArgumentParser(prog="sgdet", description="Self-grouping CNN compression.")
     parser.add_argument("-v", "--verbose", action="store_true", help="log per-layer decisions")
     sub = parser.add_subparsers(dest="command", required=True)
 
     p = sub.add_parser("compress", help="compress a registered architecture (Algorithm 1)")
-    p.add_argument("--arch", required=True, help="registered architecture, e.g. resnet50, lenet5")
+    p.add_argument("--arch", required=True, help="registered classification architecture: "
+                   + ", ".join(compressible_archs()))
     p.add_argument("--weights", help="local dense weights (.pth state dict) to start from")
     p.add_argument("--num-classes", type=int, help="classifier width (default: the builder's)")
     p.add_argument("--conv-ratio", type=_ratio, required=True, help="pruned fraction of conv connections, [0, 1)")

@@ -6,13 +6,12 @@
     example  [--out DIR] [--data DIR]                       Fashion-MNIST -> sklearn digits on a CPU
 
 Thin: parses arguments and calls the pipeline; user errors print one line and exit 2."""
-import argparse
 import os
 import re
 import sys
 
 from sgdet.engine.cli import add_config_verb, overrides_and_resume
-from sgdet.errors import run_entry_point
+from sgdet.errors import ArgumentParser, run_entry_point
 
 _HELP = {"finetune": "replace the classifier by a dense head and fine-tune MODEL.WEIGHTS on CUB-200-2011",
          "eval": "evaluate a fine-tuned model: top-1/top-5, Params, FLOPs",
@@ -39,7 +38,7 @@ def split_checkpoints(checkpoints: list[str]) -> tuple[list[str], list[str]]:
 
 
 def main(argv=None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m transfer")
+    parser = ArgumentParser(prog="python -m transfer", voice="transfer")
     sub = parser.add_subparsers(dest="command", required=True)
     for verb in ("finetune", "eval", "table"):
         add_config_verb(sub, verb, _HELP[verb], "DATA.ROOT /data/CUB_200_2011 SOLVER.LR 0.01",

@@ -13,6 +13,7 @@ from sgdet.engine.distributed import DistContext, barrier
 from sgdet.checkpoint import is_checkpoint
 from sgdet.config import load_config, save_config
 from sgdet.errors import CheckpointError, ConfigError
+from sgdet.files import check_writable
 
 from . import cub
 from .config import get_defaults, validate_config
@@ -108,6 +109,8 @@ def table(cfg, ctx: DistContext, checkpoints: list[str], out: str | None = None,
     if len(set(stems)) != len(stems):
         twice = sorted({s for s in stems if stems.count(s) > 1})
         raise ConfigError(f"two checkpoints share the folder name {twice[0]!r}; rename one")
+    if out and ctx.is_main:                # written last: say now, not after the fine-tuning
+        check_writable(os.path.join(out, "table.md"), "--out")
     datasets = build_datasets(cfg)        # one copy for every run
     rows = []
     for i, (path, name) in enumerate(zip(checkpoints, stems), 1):

@@ -11,7 +11,6 @@
 """
 from __future__ import annotations
 
-import argparse
 import json
 import os
 import sys
@@ -126,7 +125,9 @@ def run(args) -> dict:
 
 
 def main(argv=None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m sgdet.detection.demo", description=__doc__.split("\n\n")[0])
+    from sgdet.errors import ArgumentParser
+    parser = ArgumentParser(prog="python -m sgdet.detection.demo", voice="sgdet.detection.demo",
+                            description=__doc__.split("\n\n")[0])
     parser.add_argument("--out", default="out/detection_demo", help="output folder")
     parser.add_argument("--epochs", type=int, default=8, help="training epochs (24 iterations each)")
     parser.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")

@@ -13,6 +13,7 @@ import torch
 from ..checkpoint import plain
 from ..counting import format_count
 from ..errors import ConfigError
+from ..files import write_text
 
 METRICS = ("AP", "AP50", "AP75", "APs", "APm", "APl")
 
@@ -115,10 +116,7 @@ def evaluate_coco(detections, coco_gt, label_to_category: Mapping[int, int] | No
     if unknown:
         raise ConfigError(f"detections for image id {unknown[0]}, which the ground truth lacks")
     if output_json is not None:
-        folder = os.path.dirname(os.path.abspath(os.fspath(output_json)))
-        os.makedirs(folder, exist_ok=True)
-        with open(output_json, "w") as handle:
-            json.dump(plain(results), handle)
+        write_text(output_json, json.dumps(plain(results)))     # atomic, as every output
     if not results:
         return {m: 0.0 for m in METRICS}
     from pycocotools.cocoeval import COCOeval

@@ -12,11 +12,11 @@ import sys
 from typing import Callable
 from urllib.parse import urlparse
 
-from sgdet.errors import ConfigError, SGError
+from sgdet.errors import ArgumentParser, ConfigError, SGError
 
 
 def default_argument_parser(prog: str = "train_net.py") -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
+    parser = ArgumentParser(
         prog=prog, formatter_class=argparse.RawDescriptionHelpFormatter,
         description="Train or evaluate Faster R-CNN with a compressed (SG) backbone.",
         epilog="examples:\n"
