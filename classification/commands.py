@@ -16,6 +16,7 @@ from sgdet.engine.rng import seed_everything
 from sgdet.engine.trainer import Trainer
 from sgdet.errors import ConfigError
 from sgdet.files import write_json, write_text
+from sgdet.models import pretty_arch
 
 from . import datasets as data_module
 from .config import get_defaults, validate_config
@@ -49,8 +50,10 @@ def make_trainer(cfg, ctx: DistContext, need_train: bool = True, datasets=None) 
     train_ds, val_ds = datasets if datasets is not None else data_module.build_datasets(cfg)
     num_classes = resolve_num_classes(cfg)
     seed_everything(int(cfg.SEED))          # the same initial weights on every rank
-    model, meta = build_model(cfg, num_classes)
-    return Trainer(cfg, model, train_ds if need_train else None, val_ds, ctx, weights_meta=meta)
+    model, meta = build_model(cfg, num_classes, follow_arch=not need_train)   # eval: the file's arch
+    arch = (getattr(model, "sgdet_arch", None) or {}).get("name", cfg.MODEL.ARCH)
+    return Trainer(cfg, model, train_ds if need_train else None, val_ds, ctx, weights_meta=meta,
+                   label=pretty_arch(arch) if arch != cfg.MODEL.ARCH else None)
 
 
 def run_train(cfg, ctx: DistContext, resume: bool = False) -> Trainer:
