@@ -1,6 +1,7 @@
 """Engine stage: what every pipeline's command line shares. The ``VERB --config FILE [--resume]
 [KEY VALUE ...]`` verb parser and its overrides, and ``session``: the process group joined (when
-started by torchrun), rank-0 logging set up and the merged config saved beside the results."""
+started by torchrun), OUTPUT_DIR locked for this run (rank 0; a second run there is refused),
+rank-0 logging set up and the merged config saved beside the results."""
 from __future__ import annotations
 
 import argparse
@@ -8,9 +9,12 @@ import contextlib
 import logging
 
 from sgdet.config import save_config
+from sgdet.errors import SGError
+from sgdet.files import Rollback
 
 from .distributed import cleanup, init_distributed
 from .reporting import setup_logging, teardown_logging
+from .runlock import RunLock
 
 log = logging.getLogger("sgdet.engine")
 
@@ -48,7 +52,13 @@ def session(cfg, device: str | None = None):
     """Process group (when started by torchrun), rank-0 logging, the merged config saved.
     ``device``: the config's device setting where its schema names it otherwise than DEVICE."""
     ctx = init_distributed(cfg.DEVICE if device is None else device)
+    lock = None
+    undo = Rollback(str(cfg.OUTPUT_DIR)) if ctx.is_main else None   # a run failing early
+    failed = False                                                    # leaves no debris
     try:
+        if ctx.is_main:                    # before anything is written to OUTPUT_DIR
+            lock = RunLock(str(cfg.OUTPUT_DIR)).acquire()
+            ctx.run_id = lock.run_id
         setup_logging(ctx, str(cfg.OUTPUT_DIR))
         if ctx.is_main:
             save_config(cfg, str(cfg.OUTPUT_DIR))
@@ -56,6 +66,13 @@ def session(cfg, device: str | None = None):
             log.info("distributed: %d processes (%s), this is rank %d on %s", ctx.world_size,
                      ctx.backend, ctx.rank, ctx.device)
         yield ctx
+    except SGError:
+        failed = True
+        raise
     finally:
         cleanup(ctx)
         teardown_logging()
+        if lock is not None:
+            lock.release()
+            if failed:
+                undo.undo()
