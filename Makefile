@@ -14,8 +14,9 @@ $(STAMP): pyproject.toml setup.py $(wildcard sgdet/deploy/native/*.cpp sgdet/dep
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
 	$(PY) -m pip install -q torch==2.14.1 torchvision==0.29.1
-	$(PY) -m pip install -q setuptools wheel
-	$(PY) -m pip install -q --no-build-isolation -e '.[dev]'
+	$(PY) -m pip install -q "setuptools>=77" wheel
+	# setuptools' editable-install notice is advice for packagers, not for users of `make setup`
+	PYTHONWARNINGS=ignore $(PY) -m pip install -q --no-build-isolation -e '.[dev]'
 	touch $(STAMP)
 
 # Fashion-MNIST from Debian's dataset-fashion-mnist package, where this machine allows it.

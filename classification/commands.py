@@ -153,7 +153,8 @@ def run_sweep(cfg, ctx: DistContext, resume: bool = False) -> dict:
         write_text(os.path.join(out, "sweep.md"), table)
         write_json(os.path.join(out, "sweep.json"), summary, indent=2)
         picture = plot_sweep(keys, collected, os.path.join(out, "sweep.png"),
-                             title=f"{cfg.MODEL.ARCH} on {cfg.DATA.NAME}: accuracy vs compression ({keys})")
+                             title=f"{cfg.MODEL.ARCH} on {data_module.dataset_label(cfg)}: "
+                                   f"accuracy vs compression ({keys})")
         log.info("sweep table:\n%s", table)
         log.info("sweep results in %s (%s)", out, os.path.basename(picture))
     barrier(ctx)

@@ -42,7 +42,8 @@ from .rng import seed_everything
 log = logging.getLogger("sgdet.engine")
 
 FINAL = "model_final.sg.pt"
-LOG_PERIOD = 20          # iterations between progress lines in the log
+LOG_PERIOD = 20          # iterations between progress lines in the log (without a progress bar)
+LOG_SECONDS = 10.0       # ... and at least this many seconds between them
 
 
 def has_batchnorm(model: nn.Module) -> bool:
@@ -101,7 +102,7 @@ class Trainer(CheckpointedRun, CompressionRun):
         self.progress_disabled = (not self.ctx.is_main) if progress is None else not progress
         if progress is None and self.ctx.is_main:
             self.progress_disabled = None          # tqdm: on for a terminal, off in a log file
-        self.reporter = Reporter(self.output_dir, self.ctx.is_main)
+        self.reporter = Reporter(self.output_dir, self.ctx.is_main, self.ctx.run_id)
         self.input_size = self.hp["input_size"]
         self.min_batch = 2 if has_batchnorm(model) else 1
         self.state = fresh_state("train")
@@ -242,6 +243,7 @@ class Trainer(CheckpointedRun, CompressionRun):
         sums: dict = dict(s.get("partial_sums") or {})
         period = int(self.hp.get("checkpoint_period") or 0)
         started, first = time.time(), done
+        last_line = started
         self.net.train()
         bar = tqdm(batches, total=total - done, desc=desc, leave=False, dynamic_ncols=True,
                    disable=self.progress_disabled)
@@ -258,10 +260,16 @@ class Trainer(CheckpointedRun, CompressionRun):
                     raise NumericalError(f"{desc}: the training loss became {value} at iteration "
                                          f"{done}; {self.nan_advice}")
                 bar.set_postfix(loss=f"{value:.3f}", lr=f"{optimizer.param_groups[0]['lr']:.1e}")
-                if done % LOG_PERIOD == 0 or done == total:
-                    eta = (time.time() - started) / max(done - first, 1) * (total - done)
-                    log.info("%s iter %d/%d  loss %.4f  lr %.2e  eta %s", desc, done, total, value,
-                             optimizer.param_groups[0]["lr"], time.strftime("%H:%M:%S", time.gmtime(eta)))
+                now = time.time()
+                # without a bar (no terminal: a log file, `| tee`) a line now and then says how far
+                due = done % LOG_PERIOD == 0 and now - last_line >= LOG_SECONDS
+                if bar.disable and (due or done == total):
+                    last_line = now
+                    rate = (done - first) / max(now - started, 1e-9)
+                    eta = (total - done) / max(rate, 1e-9)
+                    log.info("%s iter %d/%d  loss %.4f  lr %.2e  %.1f it/s  eta %s", desc, done, total,
+                             value, optimizer.param_groups[0]["lr"], rate,
+                             time.strftime("%H:%M:%S", time.gmtime(eta)))
             if period and done % period == 0 and done < total:
                 s["partial_sums"] = {k: float(v) for k, v in sums.items()}
                 self.save_checkpoint(optimizer, self.scheduler)
