@@ -185,6 +185,7 @@ def pack_conv(weights, in_index, out_channel, bias=None, scale=None, shift=None)
     group the k_g input channels it reads; out_channel: [sum o_g], output channel of each filter
     (groups concatenated in order; injective); bias, scale, shift: [sum o_g] or None, computing
     scale * (conv + bias) + shift (an inference BatchNorm folded in)."""
+    _register_flop_formulas()
     weights, in_index = list(weights), list(in_index)
     if not weights or len(weights) != len(in_index):
         raise ValueError(f"pack_conv: {len(weights)} weight groups for {len(in_index)} index lists")
@@ -300,8 +301,19 @@ def _register_python_side() -> None:
     except RuntimeError:   # already registered (module reloaded)
         pass
 
-    # torch's FlopCounterMode counts what these ops run (2 FLOPs per multiply-accumulate), so
-    # sgdet.count and torch agree on natively deployed models too
+
+_flops_registered = False
+
+
+def _register_flop_formulas() -> None:
+    """torch's FlopCounterMode counts what these ops run (2 FLOPs per multiply-accumulate), so
+    sgdet.count and torch agree on natively deployed models too. Registered when the first layer
+    is packed, not at import: torch.utils.flop_counter imports triton, which ``import sgdet``
+    must not pay for."""
+    global _flops_registered
+    if _flops_registered:
+        return
+    _flops_registered = True
     from torch.utils.flop_counter import register_flop_formula
 
     try:
