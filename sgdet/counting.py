@@ -61,11 +61,9 @@ def count_params(model: nn.Module, convention: str = "sgdet") -> int:
 def count_flops(model: nn.Module, input_size: Sequence[int] = (3, 224, 224),
                 example: torch.Tensor | None = None, convention: str = "sgdet") -> int:
     """MACs of one forward pass on a single example of shape ``input_size`` (no batch dim)."""
+    layer_macs = _layer_macs
     if check_convention(convention) == "paper":
-        from .counting_paper import PAPER_LEAF_TYPES, paper_layer_macs
-        layer_macs, leaf_types = paper_layer_macs, PAPER_LEAF_TYPES
-    else:
-        layer_macs, leaf_types = _layer_macs, (nn.Conv2d, nn.Linear)
+        from .counting_paper import paper_layer_macs as layer_macs
     try:
         device = next(model.parameters()).device
     except StopIteration:
@@ -76,6 +74,7 @@ def count_flops(model: nn.Module, input_size: Sequence[int] = (3, 224, 224),
     def hook(module, inputs, output):
         total[0] += layer_macs(module, inputs, output)
 
+    leaf_types = (nn.Conv2d, nn.Linear)
     handles = [m.register_forward_hook(hook) for m in model.modules()
                if isinstance(m, leaf_types) or callable(getattr(m, "sg_macs", None))]
     was_training = model.training

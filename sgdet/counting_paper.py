@@ -23,6 +23,7 @@ from torch import nn
 from torch.nn.modules.batchnorm import _BatchNorm
 
 from .compress import compressible_layers
+from .counting import _layer_macs
 from .deploy.modules import DiverseGroupConv2d, DiverseGroupLinear
 from .layers import SGConv2d, SGLinear, is_sg_layer
 
@@ -77,20 +78,10 @@ def paper_params(model: nn.Module) -> int:
 
 
 def paper_layer_macs(module: nn.Module, inputs: tuple, output: torch.Tensor) -> int:
-    """MACs of one conv or FC call under the paper's convention (0 for anything else)."""
+    """MACs of one conv or FC call under the paper's convention: a deployed layer counts its
+    per-group weights, not what its plan runs; any other layer as ``sgdet.counting`` counts it."""
     if isinstance(module, DiverseGroupConv2d):
         return int(output[0, 0].numel()) * output.shape[0] * _deployed_kept(module)
     if isinstance(module, DiverseGroupLinear):
         return int(output.numel() // module.out_features) * _deployed_kept(module)
-    if isinstance(module, SGConv2d):
-        return int(output[0, 0].numel()) * output.shape[0] * module.kept_connections()
-    if isinstance(module, nn.Conv2d):
-        return int(output[0, 0].numel()) * output.shape[0] * module.weight.numel()
-    if isinstance(module, SGLinear):
-        return int(output.numel() // module.out_features) * module.kept_connections()
-    if isinstance(module, nn.Linear):
-        return int(output.numel() // module.out_features) * module.weight.numel()
-    return 0
-
-
-PAPER_LEAF_TYPES = (nn.Conv2d, nn.Linear, DiverseGroupConv2d, DiverseGroupLinear)
+    return _layer_macs(module, inputs, output)
