@@ -78,8 +78,8 @@ def cmd_deploy(args: argparse.Namespace) -> None:
     from . import deploy, load, models, save
     check_convention(args.convention)
     check_writable(args.out, "--out")
-    arch = read(args.file).get("arch")     # its name and kwargs (in_channels) give the input size
     model = load(args.file)
+    arch = getattr(model, "sgdet_arch", None)  # its name and kwargs (in_channels) give the input size
     deployed = deploy(model)
     save(deployed, args.out, meta=getattr(model, "sgdet_meta", None))
     # the deployed model's counts (the masked model's under the paper convention)
@@ -108,8 +108,8 @@ def cmd_export(args: argparse.Namespace) -> None:
     if args.format == "onnx":
         from .deploy.export import _require_onnx
         _require_onnx()                # say so before spending time on loading and deploying
-    arch = read(args.file).get("arch")     # its name and kwargs (in_channels) give the input size
     model = load(args.file)
+    arch = getattr(model, "sgdet_arch", None)  # its name and kwargs (in_channels) give the input size
     if form_of(model) == "masked":
         model = deploy(model)          # a masked checkpoint is deployed first
     model.eval()
