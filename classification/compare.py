@@ -75,8 +75,7 @@ def sg_ratio(ratio: float, budget: str, full: dict, share: dict) -> float:
 
 def step_fractions(schedule: Schedule) -> list[float]:
     """The share of the final budget each step of the SG schedule reaches (the rivals follow it)."""
-    goal = schedule.goal
-    return [min(t * schedule.effective_step, goal) / goal for t in range(1, schedule.steps + 1)]
+    return [conv / schedule.goal for _, conv, _ in schedule]
 
 
 # -------------------------------------------------------------------------------- the runs
