@@ -29,6 +29,7 @@ import sgdet
 from sgdet.config import save_config
 from sgdet.counting import format_count
 from sgdet.deploy.timing import time_interleaved
+from sgdet.engine.compression import scheme_epochs
 from sgdet.engine.distributed import DistContext
 from sgdet.engine.reporting import epochs_string
 from sgdet.errors import ConfigError
@@ -127,9 +128,7 @@ def _plan(cfg, ratio: float, full: dict, share: dict, base_epochs: str) -> dict:
     budget = str(cfg.COMPARE.BUDGET)
     r = sg_ratio(ratio, budget, full, share)
     schedule = Schedule(r, r, float(cfg.SG.STEP))
-    scheme = str(cfg.SG.SCHEME).upper()
-    local = int(cfg.SG.LOCAL_EPOCHS) if scheme in ("LG", "L") else 0
-    global_ = int(cfg.SOLVER.EPOCHS) if scheme in ("G", "LG") else 0
+    local, global_ = scheme_epochs(cfg, int(cfg.SOLVER.EPOCHS))
     return {"ratio": ratio, "sg_ratio": r, "fractions": step_fractions(schedule), "local": local,
             "global": global_, "full": full,
             "epochs": epochs_string(base_epochs, schedule.steps, local, global_)}

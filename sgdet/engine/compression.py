@@ -30,6 +30,14 @@ def grouping_of(cfg) -> str:
     return str(cfg.SG.get("GROUPING", "kmeans"))
 
 
+def scheme_epochs(cfg, epochs: int) -> tuple[int, int]:
+    """(local epochs after each step, global epochs) of SG.SCHEME (G: global only, LG: local after
+    every step + global, L: local only); ``epochs`` is the global phase's length."""
+    scheme = str(cfg.SG.SCHEME).upper()
+    return (int(cfg.SG.LOCAL_EPOCHS) if scheme in ("LG", "L") else 0,
+            epochs if scheme in ("G", "LG") else 0)
+
+
 class CompressionRun:
     """``Trainer.compress()`` and its pruning phase (see the module docstring)."""
 
@@ -38,10 +46,8 @@ class CompressionRun:
         local after every step + global, L: local only); writes model_final.sg.pt."""
         cfg = self.cfg
         scheme = str(cfg.SG.SCHEME).upper()
-        local, global_ = scheme in ("LG", "L"), scheme in ("G", "LG")
         schedule = Schedule(float(cfg.SG.CONV_RATIO), float(cfg.SG.FC_RATIO), float(cfg.SG.STEP))
-        local_epochs = int(cfg.SG.LOCAL_EPOCHS) if local else 0
-        global_epochs = self.hp["epochs"] if global_ else 0
+        local_epochs, global_epochs = scheme_epochs(cfg, self.hp["epochs"])
         if (local_epochs or global_epochs) and self.train_loader is None:
             raise ConfigError(f"scheme {scheme} fine-tunes and needs a training set")
         resumed = self._start("compress", resume)
