@@ -294,12 +294,7 @@ class RivalTrainer(Trainer):
         self.reporter.rewind({METRICS: 0, RESULTS: 0}, 0)        # a rival starts over
         if (local_epochs or global_epochs) and self.train_loader is None:
             raise ConfigError("the rivals fine-tune and need a training set")
-        base = dict(self.counts())
-        if cfg.SG.EVAL_EACH_STEP:
-            evaluation = self.evaluate("eval baseline")
-            base.update(top1=evaluation["top1"], top5=evaluation["top5"], loss=evaluation["loss"])
-        s["base"] = base
-        self.reporter.metrics({"event": "baseline", **base})
+        base = self._record_base()
         method.start(self.model, self.input_size, fractions, self.device)
         local_lr = float(cfg.SG.LOCAL_LR)
         for t, fraction in enumerate(fractions, 1):

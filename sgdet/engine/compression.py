@@ -56,14 +56,10 @@ class CompressionRun:
             return done
         if not cfg.MODEL.WEIGHTS and not resumed:
             log.warning("MODEL.WEIGHTS is empty: compressing a randomly initialised %s", cfg.MODEL.ARCH)
-        if self.state["base"] is None:       # the dense network, before anything is pruned
-            base = dict(self.counts())
+        if self.state["base"] is None:
+            base = self._record_base()
             if cfg.SG.EVAL_EACH_STEP:
-                evaluation = self.evaluate("eval baseline")
-                base.update(top1=evaluation["top1"], top5=evaluation["top5"], loss=evaluation["loss"])
-                log.info("before pruning: val top-1 %.2f%%  top-5 %.2f%%", evaluation["top1"], evaluation["top5"])
-            self.state["base"] = base
-            self.reporter.metrics({"event": "baseline", **base})
+                log.info("before pruning: val top-1 %.2f%%  top-5 %.2f%%", base["top1"], base["top5"])
         layers = sgdet.convert(self.model, list(cfg.SG.INCLUDE), list(cfg.SG.EXCLUDE))
         if not layers:
             raise ConfigError("the model has no compressible Conv2d/Linear layers")
@@ -87,6 +83,17 @@ class CompressionRun:
             label += f" {grouping_of(cfg)} groups"
         epochs = epochs_string(self._base_epochs() or "0", schedule.steps, local_epochs, global_epochs)
         return self._finish(self._final_row(label, epochs))
+
+    def _record_base(self) -> dict:
+        """The dense network, before anything is pruned: its counts (and evaluation where
+        SG.EVAL_EACH_STEP) into ``state["base"]`` and the metrics."""
+        base = dict(self.counts())
+        if self.cfg.SG.EVAL_EACH_STEP:
+            evaluation = self.evaluate("eval baseline")
+            base.update(top1=evaluation["top1"], top5=evaluation["top5"], loss=evaluation["loss"])
+        self.state["base"] = base
+        self.reporter.metrics({"event": "baseline", **base})
+        return base
 
     def _prune_phase(self, layers: dict, schedule: Schedule, local_epochs: int) -> None:
         """The schedule's steps, each followed by ``local_epochs`` epochs at SG.LOCAL_LR, with a
