@@ -224,8 +224,9 @@ class Channel:
         per_layer: dict = {}
         off = abs(kept - self.target) / self.base[self.budget]
         if off > self.tolerance / 2:
+            last = output_layer(model)
             tp_layers = [(n, m) for n, m in model.named_modules()
-                         if isinstance(m, (nn.Conv2d, nn.Linear)) and m is not output_layer(model)]
+                         if isinstance(m, (nn.Conv2d, nn.Linear)) and m is not last]
             tp_layers.sort(key=lambda nm: -nm[1].weight.numel())
             for name, _ in tp_layers[:3]:
                 r, k = self._bisect(lambda v: self._kept(model, input_size, ratio, {name: v}))
