@@ -17,6 +17,7 @@ import torch
 from torch import nn
 
 from .deploy import DiverseGroupConv2d, DiverseGroupLinear, GatheredBatchNorm2d
+from .deploy.dense_parts import ChannelsLastMaxPool2d, FoldedConv2d
 from .deploy.fusion import relink
 from .deploy.modules import FoldedBatchNorm2d
 from .errors import CheckpointError, ConfigError
@@ -26,8 +27,9 @@ from .models import arch_of, build
 
 FORMAT = "sgdet-checkpoint"
 VERSION = 1
-_TYPES = {cls.__name__: cls for cls in (SGConv2d, SGLinear, DiverseGroupConv2d,
-                                        DiverseGroupLinear, GatheredBatchNorm2d, FoldedBatchNorm2d)}
+_TYPES = {cls.__name__: cls for cls in (SGConv2d, SGLinear, DiverseGroupConv2d, DiverseGroupLinear,
+                                        GatheredBatchNorm2d, FoldedBatchNorm2d, FoldedConv2d,
+                                        ChannelsLastMaxPool2d)}
 
 
 def layer_summary(module: nn.Module) -> dict:

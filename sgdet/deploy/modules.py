@@ -260,6 +260,7 @@ class DiverseGroupConv2d(_DiverseGroup):
         self.refresh()
 
     supports_grouped = True              # plans may run all groups as one grouped convolution
+    folds_batchnorm = True               # a FoldedBatchNorm2d may name it as its producer
 
     @property
     def input_width(self) -> int:
@@ -452,10 +453,11 @@ def is_gathering(bn: nn.Module | None) -> bool:
 
 
 class FoldedBatchNorm2d(nn.BatchNorm2d):
-    """A BatchNorm2d whose inference affine map runs inside the native kernel of the deployed conv
-    before it (``producer``, that conv's module name). When that conv runs natively (eval mode,
-    no autograd, kernel built) this BN passes its input through; otherwise it normalises as any
-    BN does, so training and every other form stay exact. Same state-dict keys as a BN."""
+    """A BatchNorm2d whose inference affine map the conv before it applies (``producer``, that
+    conv's module name): a deployed conv's native kernel at its store, or a dense_parts.FoldedConv2d
+    through folded weights. When that conv folds it (eval mode, no autograd, kernel built) this BN
+    passes its input through; otherwise it normalises as any BN does, so training and every other
+    form stay exact. Same state-dict keys as a BN."""
 
     def __init__(self, num_features: int, eps: float = 1e-5, momentum: float | None = 0.1,
                  affine: bool = True, track_running_stats: bool = True, producer: str = "") -> None:
@@ -498,7 +500,7 @@ def link_folded_norms(model: nn.Module) -> int:
             conv = model.get_submodule(bn.producer)
         except AttributeError:
             conv = None
-        if not isinstance(conv, DiverseGroupConv2d):
+        if not getattr(conv, "folds_batchnorm", False):     # DiverseGroupConv2d, dense_parts.FoldedConv2d
             object.__setattr__(bn, "_conv", None)
             continue
         object.__setattr__(bn, "_conv", conv)

@@ -19,6 +19,8 @@ Five passes, all exact:
 5. Gathered BatchNorms (DenseNet's norm1, which selects the channels conv1 reads) become plain
    BNs over their whole input where the gather, a copy of a wide feature map, costs more than it
    saves.
+6. The parts left dense (stem, shortcut convs) fold the BN after them into their weights, and a
+   stem's ReLU + max-pool runs in channels_last where that is faster (sgdet.deploy.dense_parts).
 """
 from __future__ import annotations
 
@@ -32,6 +34,7 @@ from ..errors import ConfigError
 from ..layers import is_sg_layer
 from .modules import (DiverseGroupConv2d, DiverseGroupLinear, FoldedBatchNorm2d, GatheredBatchNorm2d,
                       is_gathering, link_folded_norms)
+from .dense_parts import FoldedConv2d, fold_dense_convs, pool_stems_channels_last
 from .fusion import fuse_blocks
 from .patterns import conv_bn_conv_chains, conv_bn_pairs, gathered_bn_pairs
 from . import native
@@ -286,10 +289,11 @@ def optimize(model: nn.Module, example_input: torch.Tensor | None = None, repeat
              dead_channels: bool = True, plans: bool = True, ungather: bool = True,
              margin: float = 0.05, verify: bool = True, align: int = 8, backend: str = "auto") -> dict:
     """Make a deployed model fast, in place: fold permutations, drop dead channels, give every
-    deployed layer its fastest exact plan, and un-gather BNs where that pays. Decisions are
-    timed on ``example_input`` (on the device, and in the memory format, it comes in: pass a
-    channels_last input to tune a model that will run channels_last) or, without one, taken
-    from a cost model. Another form replaces the dense one only when faster by ``margin``.
+    deployed layer its fastest exact plan, fold the BNs of the convs left dense, and un-gather
+    BNs where that pays. Decisions are timed on ``example_input`` (on the device, and in the
+    memory format, it comes in: pass a channels_last input to tune a model that will run
+    channels_last) or, without one, taken from a cost model. Another form replaces the dense
+    one only when faster by ``margin``.
     With ``verify`` and an example, the tuned model is finally timed whole against the same
     model with every layer on its dense plan and every gathered BN un-gathered (the dense
     model's computation), and falls back to that when it is not faster by ``margin``: layers
@@ -343,6 +347,10 @@ def optimize(model: nn.Module, example_input: torch.Tensor | None = None, repeat
         report["native_dense_convs"] = native_dense_convs(model, example_input, repeats, margin)
     report["folded_norms"] = fold_batchnorms(model) if backend != "torch" else 0
     report["fused_blocks"] = fuse_blocks(model) if report["folded_norms"] else 0
+    report["folded_dense_convs"] = fold_dense_convs(model)
+    if plans and example_input is not None and report["folded_dense_convs"]:
+        stems = capture_inputs(model, example_input, (FoldedConv2d,))
+        report["channels_last_pools"] = pool_stems_channels_last(model, stems, repeats, margin)
     if ungather:
         pairs = gathered_bn_pairs(model)
         norms = (capture_inputs(model, example_input, (GatheredBatchNorm2d,))

@@ -27,6 +27,10 @@ CONV_BN_CONV_CHAINS: dict[type, list[tuple[str, str, str]]] = {}
 # nowhere else: the native kernel may then apply the BN's inference affine map at its store.
 CONV_BN_PAIRS: dict[type, list[tuple[str, str]]] = {}
 
+# {module class: [(conv, max-pool), ...]}: stems where conv -> BN -> element-wise ops -> max-pool
+# and nothing else reads the conv's or BN's output.
+STEM_POOLS: dict[type, list[tuple[str, str]]] = {}
+
 
 def register_bn_conv_pairs(cls: type, pairs: Iterable[tuple[str, str]]) -> None:
     """Declare that in ``cls.forward`` BN attribute a feeds conv attribute b through element-wise
@@ -46,6 +50,12 @@ def register_conv_bn(cls: type, pairs: Iterable[tuple[str, str]]) -> None:
     CONV_BN_PAIRS[cls] = list(pairs)
 
 
+def register_stem_pool(cls: type, pairs: Iterable[tuple[str, str]]) -> None:
+    """Declare that in ``cls.forward`` conv a -> BN -> element-wise ops -> max-pool b, and nothing
+    else reads the conv's or BN's output: optimize() may run that stretch in channels_last."""
+    STEM_POOLS[cls] = list(pairs)
+
+
 # torchvision's blocks, keyed by qualified class name so that sgdet never has to import
 # torchvision (whose package import loads its detection models) to know them. Consulted after
 # the user tables, so a user's registration adds to the built-ins and may override one.
@@ -63,7 +73,10 @@ _BUILTIN_CONV_BN_PAIRS = {
     "torchvision.models.resnet.Bottleneck": [("conv1", "bn1"), ("conv2", "bn2"), ("conv3", "bn3")],
     "torchvision.models.densenet._DenseLayer": [("conv1", "norm2")],
 }
-_BUILTINS = {id(BN_CONV_PAIRS): _BUILTIN_BN_CONV_PAIRS,
+_BUILTIN_STEM_POOLS = {
+    "torchvision.models.resnet.ResNet": [("conv1", "maxpool")],       # conv1 -> bn1 -> relu -> maxpool
+}
+_BUILTINS = {id(STEM_POOLS): _BUILTIN_STEM_POOLS, id(BN_CONV_PAIRS): _BUILTIN_BN_CONV_PAIRS,
              id(CONV_BN_CONV_CHAINS): _BUILTIN_CONV_BN_CONV_CHAINS,
              id(CONV_BN_PAIRS): _BUILTIN_CONV_BN_PAIRS}
 
@@ -136,10 +149,9 @@ def gathered_bn_pairs(model: nn.Module) -> list[tuple[str, str]]:
                  lambda bn, c: is_gathering(bn) and conv(c) and bn.num_features == c.in_channels)
 
 
-def conv_bn_pairs(model: nn.Module) -> list[tuple[str, str]]:
-    """(conv, bn) names of a deployed model where a deployed conv feeds a plain BN directly (no
-    element-wise op between: the BN must see the conv's raw output) and nothing else reads it."""
-    conv = lambda m: isinstance(m, DiverseGroupConv2d)                 # noqa: E731
+def _conv_bn(model: nn.Module, conv: Predicate) -> list[tuple[str, str]]:
+    """(conv, bn) names where a conv ``conv`` takes feeds a plain BN directly (no element-wise op
+    between: the BN must see the conv's raw output) and nothing else reads it."""
     plain_bn = lambda m: isinstance(m, nn.BatchNorm2d) and not is_gathering(m)   # noqa: E731
     found = []
     for prefix, module in model.named_modules():
@@ -152,4 +164,30 @@ def conv_bn_pairs(model: nn.Module) -> list[tuple[str, str]]:
             c, bn = getattr(module, a, None), getattr(module, b, None)
             if conv(c) and plain_bn(bn) and bn.num_features == c.out_channels:
                 found.append((join + a, join + b))
+    return found
+
+
+def conv_bn_pairs(model: nn.Module) -> list[tuple[str, str]]:
+    """(conv, bn) names of a deployed model where a deployed conv feeds a plain BN directly."""
+    return _conv_bn(model, lambda m: isinstance(m, DiverseGroupConv2d))
+
+
+def dense_conv_bn_pairs(model: nn.Module) -> list[tuple[str, str]]:
+    """(conv, bn) names where a plain dense nn.Conv2d (a stem, a shortcut) feeds a plain BN
+    directly: the BN may be folded into its weights."""
+    return _conv_bn(model, lambda m: type(m) is nn.Conv2d and m.padding_mode == "zeros")
+
+
+def stem_pools(model: nn.Module) -> list[tuple[str, str]]:
+    """(conv, max-pool) names of stems: conv -> BN -> element-wise ops -> max-pool, where nothing
+    else reads the conv's or BN's output (registered by class, found in nn.Sequential runs)."""
+    found = []
+    for prefix, module in model.named_modules():
+        join = (prefix + ".") if prefix else ""
+        entries = registered(STEM_POOLS, type(module))
+        if entries is None and isinstance(module, nn.Sequential):
+            entries = [(c, p) for c, _, p in match_sequential(
+                module, lambda m: isinstance(m, nn.Conv2d), lambda m: isinstance(m, nn.BatchNorm2d),
+                lambda m: isinstance(m, nn.MaxPool2d))]
+        found += [(join + c, join + p) for c, p in entries or ()]
     return found
