@@ -33,6 +33,8 @@ import logging
 import os
 from typing import Callable, Sequence
 
+import torch
+import torch.nn.functional as F
 import torchvision
 from torch.utils.data import Dataset, Subset, TensorDataset
 from torchvision import transforms as T
@@ -250,10 +252,35 @@ def build_cifar(name: str, root: str) -> tuple[Dataset, Dataset]:
 
 # ---------------------------------------------------------------------------------------- MNIST
 
-def build_mnist(name: str, root: str | None) -> tuple[Dataset, Dataset]:
-    """Normalised ``[1, 28, 28]`` tensors and long labels, read by classification.mnist."""
+class ResizedImages(Dataset):
+    """MNIST-style images resized on the fly to ``[channels, size, size]`` (bilinear; the grey
+    plane repeated ``channels`` times), for networks built for larger RGB inputs (a torchvision
+    ResNet on Fashion-MNIST). Resizing per sample keeps memory at the 28 px tensors."""
+
+    def __init__(self, images: torch.Tensor, labels: torch.Tensor, channels: int, size: int) -> None:
+        self.images, self.labels, self.channels, self.size = images, labels, channels, size
+
+    def __len__(self) -> int:
+        return len(self.labels)
+
+    def __getitem__(self, index: int):
+        image = self.images[index]
+        if image.shape[-1] != self.size:
+            image = F.interpolate(image[None], size=(self.size, self.size), mode="bilinear",
+                                  align_corners=False)[0]
+        return image.expand(self.channels, -1, -1).contiguous(), self.labels[index]
+
+
+def build_mnist(name: str, root: str | None, channels: int = 1, size: int = 28) -> tuple[Dataset, Dataset]:
+    """Normalised ``[1, 28, 28]`` tensors and long labels, read by classification.mnist; with
+    MODEL.INPUT_SIZE ``[C, S, S]`` other than ``[1, 28, 28]``, resized to it (ResizedImages)."""
+    if channels not in (1, 3):
+        raise ConfigError(f"MODEL.INPUT_SIZE[0] must be 1 or 3 for {name} (grey images), got {channels}")
     train, test = load_mnist_style(name, data=root, download=False)
-    return TensorDataset(train.images, train.labels), TensorDataset(test.images, test.labels)
+    if (channels, size) == (1, 28):
+        return TensorDataset(train.images, train.labels), TensorDataset(test.images, test.labels)
+    return (ResizedImages(train.images, train.labels, channels, size),
+            ResizedImages(test.images, test.labels, channels, size))
 
 
 # ------------------------------------------------------------------------------------------- API
@@ -268,7 +295,9 @@ def build_datasets(cfg) -> tuple[Dataset, Dataset]:
         train, val = build_cifar(name, _root(cfg, name))
     else:
         root = str(cfg.DATA.ROOT or "") or None
-        train, val = build_mnist(name, os.path.expanduser(root) if root else None)
+        channels = int((cfg.MODEL.INPUT_SIZE or [1])[0])
+        train, val = build_mnist(name, os.path.expanduser(root) if root else None, channels,
+                                 _input_size(cfg, 28))
     limit = int(cfg.DATA.LIMIT_TRAIN or 0)
     if limit < 0:
         raise ConfigError(f"DATA.LIMIT_TRAIN must be >= 0, got {limit}")

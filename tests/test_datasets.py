@@ -311,6 +311,7 @@ def test_mnist_style_datasets_yield_normalised_tensors(tmp_path, monkeypatch, na
     monkeypatch.setenv("SGDET_CACHE", str(tmp_path / "cache"))
     folder = write_idx_gz(str(tmp_path / "idx"), n_train=40, n_test=20)
     cfg = _cfg(name, folder, limit=30)
+    cfg.MODEL.INPUT_SIZE = [1, 28, 28]
     train, val = datasets.build_datasets(cfg)
     assert len(train) == 30 and len(val) == 20 and datasets.num_classes_of(cfg) == 10
     x, y = val[3]
@@ -321,6 +322,28 @@ def test_mnist_style_datasets_yield_normalised_tensors(tmp_path, monkeypatch, na
     assert torch.allclose(raw[0, row, 4:24], torch.full((20,), 250 / 255), atol=1e-5)
     images, labels, skipped = _drain(train, batch_size=16)
     assert skipped == 0 and images.shape == (30, 1, 28, 28) and labels.dtype == torch.long
+
+
+def test_mnist_resized_to_the_model_input(tmp_path, monkeypatch):
+    """MODEL.INPUT_SIZE [3, 64, 64] (a torchvision ResNet on Fashion-MNIST): bilinear upsampling,
+    grey repeated into three equal planes, labels untouched; other channel counts are refused."""
+    monkeypatch.setenv("SGDET_CACHE", str(tmp_path / "cache"))
+    folder = write_idx_gz(str(tmp_path / "idx"), n_train=40, n_test=20)
+    small = _cfg("fashion-mnist", folder)
+    small.MODEL.INPUT_SIZE = [1, 28, 28]
+    _, val28 = datasets.build_datasets(small)
+    train, val = datasets.build_datasets(_cfg("fashion-mnist", folder, size=64))
+    x, y = val[3]
+    assert x.shape == (3, 64, 64) and x.dtype == torch.float32 and y == val28[3][1]
+    assert torch.equal(x[0], x[1]) and torch.equal(x[0], x[2])
+    expected = torch.nn.functional.interpolate(val28[3][0][None], size=(64, 64), mode="bilinear")[0, 0]
+    assert torch.allclose(x[0], expected)
+    images, labels, skipped = _drain(train, batch_size=16)
+    assert images.shape == (40, 3, 64, 64) and labels.shape == (40,) and skipped == 0
+    bad = _cfg("fashion-mnist", folder)
+    bad.MODEL.INPUT_SIZE = [2, 28, 28]
+    with pytest.raises(ConfigError, match=r"INPUT_SIZE\[0\] must be 1 or 3"):
+        datasets.build_datasets(bad)
 
 
 def test_mnist_missing_root(tmp_path):
