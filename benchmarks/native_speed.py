@@ -114,6 +114,9 @@ def run_setting(name: str, dense, masked, batch: int, size: int, backend: str, r
            "best_dense": best, "speedup": med[best] / med["sg"],
            "speedup_min": min(samples[best]) / min(samples["sg"]),
            "plans": plans, "folded_norms": report.get("folded_norms", 0),
+           "native_dense_convs": report.get("native_dense_convs", []),
+           "folded_dense_convs": report.get("folded_dense_convs", []),
+           "channels_last_pools": report.get("channels_last_pools", []),
            "verified": report.get("verified"), "calibration_s": calibration_s, "max_abs_diff": diff,
            "flops_dense": sgdet.count_flops(dense, (x.shape[1], size, size)),
            "flops_sg": sgdet.count_flops(masked, (x.shape[1], size, size))}
@@ -215,7 +218,8 @@ def main(argv=None) -> None:
                 lin.load_state_dict({k: v for k, v in m.state_dict().items() if k in ("weight", "bias")})
                 dense.set_submodule(n, lin)
         for b in args.batches:
-            payload["rows"].append(run_setting(f"trained {os.path.basename(path)}", dense.eval(), masked, b,
+            label = os.path.join(os.path.basename(os.path.dirname(os.path.abspath(path))), os.path.basename(path))
+            payload["rows"].append(run_setting(f"trained {label}", dense.eval(), masked, b,
                                                args.trained_size, args.backend, args.repeats, args.calib_repeats,
                                                args.threads, not args.no_layers, log))
             save()
