@@ -127,3 +127,18 @@ def test_optimize_folds_the_dense_parts(build, backend, tmp_path):
         assert loaded.get_submodule(conv_name).channels_last == fast.get_submodule(conv_name).channels_last
     with torch.no_grad():
         assert_same_output(loaded(x), fast(x), rel=1e-5)
+
+
+def test_folded_dense_convs_compile_and_export_without_an_eager_call():
+    """Traced graphs fold in the graph (tensor versions are not traceable), so a model deployed
+    without an example input compiles and exports at once, and follows later weight changes."""
+    model = randomize_bn(make_bottleneck_resnet())
+    sgdet.compress(model, conv_ratio=0.7, fc_ratio=0.6, groups=8, step=None)
+    model.eval()
+    fast = sgdet.deploy(model, optimize=True, backend="torch").eval()
+    assert fast.sgdet_fast_report["folded_dense_convs"]
+    x = torch.randn(2, 3, 32, 32)
+    with torch.no_grad():
+        assert_same_output(torch.compile(fast, backend="aot_eager")(x), model(x), rel=1e-4)
+        exported = torch.export.export(fast, (x,))
+        assert_same_output(exported.module()(x), model(x), rel=1e-4)

@@ -65,26 +65,27 @@ class FoldedConv2d(nn.Conv2d):
         return tuple(t for t in (self.weight, self.bias, bn.weight, bn.bias, bn.running_mean,
                                  bn.running_var, bn.num_batches_tracked) if t is not None)
 
+    def _fold(self) -> tuple[torch.Tensor, torch.Tensor]:
+        bn = self._folded_bn
+        scale = bn.running_var.add(bn.eps).rsqrt()
+        if bn.weight is not None:
+            scale = scale * bn.weight
+        shift = -bn.running_mean * scale
+        if bn.bias is not None:
+            shift = shift + bn.bias
+        bias = shift if self.bias is None else self.bias * scale + shift
+        weight = self.weight * scale.view(-1, *([1] * (self.weight.dim() - 1)))
+        if self.channels_last:
+            weight = weight.contiguous(memory_format=torch.channels_last)
+        return weight, bias
+
     @torch.no_grad()
     def _folded(self) -> tuple[torch.Tensor, torch.Tensor]:
         if torch.jit.is_tracing() or torch.compiler.is_compiling():
-            if self._cache is None:
-                raise RuntimeError("FoldedConv2d: run the model once eagerly before tracing it")
-            return self._cache[1], self._cache[2]
+            return self._fold()       # in the graph: tensor versions are not traceable
         key = tuple((t.data_ptr(), t._version) for t in self._tracked())
         if self._cache is None or self._cache[0] != key:
-            bn = self._folded_bn
-            scale = bn.running_var.add(bn.eps).rsqrt()
-            if bn.weight is not None:
-                scale = scale * bn.weight
-            shift = -bn.running_mean * scale
-            if bn.bias is not None:
-                shift = shift + bn.bias
-            bias = shift if self.bias is None else self.bias * scale + shift
-            weight = self.weight * scale.view(-1, *([1] * (self.weight.dim() - 1)))
-            if self.channels_last:
-                weight = weight.contiguous(memory_format=torch.channels_last)
-            self._cache = (key, weight, bias)
+            self._cache = (key, *self._fold())
         return self._cache[1], self._cache[2]
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
