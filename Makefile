@@ -53,20 +53,22 @@ bench-deploy: setup
 
 # Native kernels (issue 14): whole network against the fastest dense PyTorch form, per layer, and
 # on the demo's trained LeNet-5 masks where `make demo` has run (about 40 min on 2 cores).
+# records are named by the kernel ISA this CPU runs (avx512, avx2, portable)
+NATIVE_ISA = $(shell $(PY) -c "from sgdet.deploy import native; print(native.isa() if native.available() else 'none')")
 bench-native: setup
 	$(PY) benchmarks/native_speed.py --archs resnet50 --ratios 0.6 0.8 --batches 8 --repeats 7 \
-	  --out benchmarks/results/native_speed_resnet50_b8
+	  --out benchmarks/results/native_speed_$(NATIVE_ISA)_resnet50_b8
 	$(PY) benchmarks/native_speed.py --archs resnet50 --ratios 0.6 0.8 --batches 1 --repeats 9 --no-layers \
-	  --out benchmarks/results/native_speed_resnet50_b1
+	  --out benchmarks/results/native_speed_$(NATIVE_ISA)_resnet50_b1
 	$(PY) benchmarks/native_speed.py --archs densenet201 --ratios 0.7 --batches 8 --repeats 5 --no-layers \
-	  --out benchmarks/results/native_speed_densenet201_b8
+	  --out benchmarks/results/native_speed_$(NATIVE_ISA)_densenet201_b8
 	if ls out/demo/lenet5_conv80_fc80.sg.pt >/dev/null 2>&1; then $(PY) benchmarks/native_speed.py --archs \
 	  --trained out/demo/lenet5_conv80_fc80.sg.pt out/demo/lenet5_conv95_fc95.sg.pt --batches 8 64 --repeats 9 \
-	  --out benchmarks/results/native_speed_lenet5_trained; fi
+	  --out benchmarks/results/native_speed_$(NATIVE_ISA)_lenet5_trained; fi
 	if ls out/resnet18_fashion_mnist_sg/SG.CONV_RATIO_0.8/model_final.sg.pt >/dev/null 2>&1; then \
 	  $(PY) benchmarks/native_speed.py --archs --trained out/resnet18_fashion_mnist_sg/SG.CONV_RATIO_0.6/model_final.sg.pt \
 	  out/resnet18_fashion_mnist_sg/SG.CONV_RATIO_0.8/model_final.sg.pt --trained-size 64 --batches 8 64 --repeats 9 \
-	  --out benchmarks/results/native_speed_resnet18_trained; fi
+	  --out benchmarks/results/native_speed_$(NATIVE_ISA)_resnet18_trained; fi
 
 # ResNet18 on Fashion-MNIST at 64 px, trained then compressed to Conv-60 and Conv-80 (about 15 min
 # on 2 cores): the trained masks bench-native times beside the random ones.

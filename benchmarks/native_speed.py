@@ -138,8 +138,9 @@ def masked_channels(model) -> int:
 
 def markdown(payload: dict) -> str:
     m = payload["machine"]
-    lines = [f"# Native kernels: whole-network latency ({m.get('cpu_model', '')}, {m['torch_threads']} threads, "
-             f"torch {m['torch']}, {m['when']})", "",
+    isa = next((r["isa"] for r in payload["rows"] if r.get("isa")), "none")
+    lines = [f"# Native kernels: whole-network latency ({m.get('cpu_model', '')}, kernel ISA {isa}, "
+             f"{m['torch_threads']} threads, torch {m['torch']}, {m['when']})", "",
              f"Command: `{payload['command']}`", "",
              "| setting | batch | FLOP ratio | best dense | dense ms (nchw / cl / jit) | onnxruntime ms | SG ms | "
              "speed-up (median) | (min) | plans |", "|---|---|---|---|---|---|---|---|---|---|"]
