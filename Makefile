@@ -52,13 +52,14 @@ bench-deploy: setup
 	$(PY) benchmarks/gather_cost.py
 
 # Native kernels (issue 14): whole network against the fastest dense PyTorch form, per layer, and
-# on the demo's trained LeNet-5 masks where `make demo` has run (about 40 min on 2 cores).
-# records are named by the kernel ISA this CPU runs (avx512, avx2, portable)
+# on trained masks where present: the demo's LeNet-5 (`make demo`) and a ResNet18
+# (`make train-resnet18-fashion`); about 50 min on 2 cores. Records are named by the kernel ISA
+# this CPU runs (avx512, avx2, portable).
 NATIVE_ISA = $(shell $(PY) -c "from sgdet.deploy import native; print(native.isa() if native.available() else 'none')")
 bench-native: setup
-	$(PY) benchmarks/native_speed.py --archs resnet50 --ratios 0.6 0.8 --batches 8 --repeats 7 \
+	$(PY) benchmarks/native_speed.py --archs resnet50 --ratios 0.6 0.7 0.8 --batches 8 --repeats 7 \
 	  --out benchmarks/results/native_speed_$(NATIVE_ISA)_resnet50_b8
-	$(PY) benchmarks/native_speed.py --archs resnet50 --ratios 0.6 0.8 --batches 1 --repeats 9 --no-layers \
+	$(PY) benchmarks/native_speed.py --archs resnet50 --ratios 0.6 0.7 0.8 --batches 1 --repeats 9 --no-layers \
 	  --out benchmarks/results/native_speed_$(NATIVE_ISA)_resnet50_b1
 	$(PY) benchmarks/native_speed.py --archs densenet201 --ratios 0.7 --batches 8 --repeats 5 --no-layers \
 	  --out benchmarks/results/native_speed_$(NATIVE_ISA)_densenet201_b8
