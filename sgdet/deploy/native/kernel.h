@@ -195,6 +195,7 @@ struct Job {
   const int32_t* oc;      // this tile's output channels
   float* out_n;           // image n's output
   const float* res_n;     // image n's residual (or null)
+  bool cold;              // the group's first filter tile on this block: its rows may be uncached
 };
 
 // One input channel: load its PV vectors for this tap and FMA them with TF broadcast weights.
@@ -250,9 +251,11 @@ __attribute__((always_inline)) inline void channels(const ConvArgs& a, const Blo
     for (int j = 0; j < PV; ++j) r[f][j] = acc[f][j];
   // The index list defeats the hardware prefetcher: prefetch the vectors of the channel read
   // ~A::kPrefetchFmas FMA instructions later (gathers skip it). Two loops keep the test out.
+  // A::kPrefetchColdOnly: only the group's first filter tile prefetches; the later tiles re-read
+  // rows it brought in, and the prefetch's index load and address math cost issue slots.
   const int ahead = a.ahead >= 0 ? a.ahead : A::kPrefetchFmas / (TF * PV);
   int c = 0;
-  if (LOAD != kGather && ahead > 0)
+  if (LOAD != kGather && ahead > 0 && (t.cold || !A::kPrefetchColdOnly))
     for (; c + ahead < t.kg; ++c) {
       const float* pre = t.xn + (int64_t)t.idx[c + ahead] * sc;
       for (int j = 0; j < PV; ++j) {
@@ -359,6 +362,7 @@ void conv_items(const ConvArgs& a, int64_t begin, int64_t end) {
           for (int32_t q = 0, f0 = 0; q < tiles; ++q) {
             const int32_t r = t.tw / tiles + (q < t.tw % tiles);
             t.w = wp + f0;
+            t.cold = p == 0 && q == 0;
             t.bias = a.bias + fs + p + f0;
             t.oc = a.out_channel + fs + p + f0;
             if (r == TF) run_tile<A, TF, PV, LOAD>(a, b, t);

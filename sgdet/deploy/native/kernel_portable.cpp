@@ -16,6 +16,7 @@ struct Portable {
   static constexpr int N = 8;
   static constexpr bool kFullLoads = true;    // skip the per-lane mask test on interior blocks
   static constexpr int kPrefetchFmas = 256;   // FMAs between a prefetch and its use
+  static constexpr bool kPrefetchColdOnly = false;  // unmeasured: unchanged
   // GCC / Clang vector extensions: lowered to SSE pairs on x86-64, NEON on arm64
   typedef float V __attribute__((vector_size(32)));
   typedef int32_t I __attribute__((vector_size(32)));
