@@ -51,12 +51,13 @@ bench-deploy: setup
 	$(PY) benchmarks/deploy_speed.py --out benchmarks/results/deploy_speed
 	$(PY) benchmarks/gather_cost.py
 
-# Native kernels (issue 14): whole network against the fastest dense PyTorch form, per layer, and
-# on trained masks where present: the demo's LeNet-5 (`make demo`) and a ResNet18
-# (`make train-resnet18-fashion`); about 50 min on 2 cores. Records are named by the kernel ISA
-# this CPU runs (avx512, avx2, portable).
+# Native kernels (issue 14): the kernel alone by conv shape; the whole network against the
+# fastest dense PyTorch form, and per layer; trained masks where present: the demo's LeNet-5
+# (`make demo`) and a ResNet18 (`make train-resnet18-fashion`). About 20 min on 2 cores.
+# Records are named by the kernel ISA this CPU runs (avx512, avx2, portable).
 NATIVE_ISA = $(shell $(PY) -c "from sgdet.deploy import native; print(native.isa() if native.available() else 'none')")
 bench-native: setup
+	$(PY) benchmarks/native_kernel_shapes.py --out benchmarks/results/native_kernel_shapes_$(NATIVE_ISA)
 	$(PY) benchmarks/native_speed.py --archs resnet50 --ratios 0.6 0.7 0.8 --batches 8 --repeats 7 \
 	  --out benchmarks/results/native_speed_$(NATIVE_ISA)_resnet50_b8
 	$(PY) benchmarks/native_speed.py --archs resnet50 --ratios 0.6 0.7 0.8 --batches 1 --repeats 9 --no-layers \

@@ -74,3 +74,19 @@ def test_native_speed_records_whole_network_and_layers(tmp_path):
         assert row["best_dense"] in ("dense_nchw", "dense_cl", "dense_jit") and row["speedup"] > 0
         assert row["max_abs_diff"] < 1e-3 and row["layers"]
     assert "| lenet5 Conv-60/FC-60 g=16 | 2 |" in open(out + ".md").read()
+
+
+def test_native_kernel_shapes_times_random_and_contiguous_lists(tmp_path):
+    from sgdet.deploy import native
+    if not native.available():
+        pytest.skip(native.unavailable_reason())
+    out = str(tmp_path / "shapes")
+    _run("native_kernel_shapes.py", "--batch", "1", "--shapes", "2", "--keep", "0.4", "--repeats", "1",
+         "--threads", "1", "--out", out)
+    payload = json.load(open(out + ".json"))
+    assert payload["isa"] == native.isa() and len(payload["rows"]) == 2
+    for row in payload["rows"]:
+        assert {f"{lists}-{v}" for lists in ("random", "contiguous") for v in range(len(payload["variants"]))} \
+            == set(row["gflops"])
+        assert row["dense_gflops"] > 0 and all(g > 0 for g in row["gflops"].values())
+    assert open(out + ".md").read().count("| layer") == 2
