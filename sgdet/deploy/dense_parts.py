@@ -59,20 +59,10 @@ class FoldedConv2d(nn.Conv2d):
         return self._folded_bn is bn and not self.training and not torch.is_grad_enabled()
 
     def _tracked(self) -> tuple:
-        bn = self._folded_bn
-        # running stats change inside the BN kernel without a version bump; the batch counter,
-        # incremented in Python, bumps and flags a training step
-        return tuple(t for t in (self.weight, self.bias, bn.weight, bn.bias, bn.running_mean,
-                                 bn.running_var, bn.num_batches_tracked) if t is not None)
+        return tuple(t for t in (self.weight, self.bias) if t is not None) + self._folded_bn.tracked()
 
     def _fold(self) -> tuple[torch.Tensor, torch.Tensor]:
-        bn = self._folded_bn
-        scale = bn.running_var.add(bn.eps).rsqrt()
-        if bn.weight is not None:
-            scale = scale * bn.weight
-        shift = -bn.running_mean * scale
-        if bn.bias is not None:
-            shift = shift + bn.bias
+        scale, shift = self._folded_bn.inference_affine()
         bias = shift if self.bias is None else self.bias * scale + shift
         weight = self.weight * scale.view(-1, *([1] * (self.weight.dim() - 1)))
         if self.channels_last:

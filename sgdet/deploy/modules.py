@@ -155,11 +155,7 @@ class _DiverseGroup(nn.Module):
 
     def _tracked(self) -> tuple:
         """The tensors the plan is built from: own parameters and those of a folded BN."""
-        bn = self._folded_bn
-        # running stats change inside the BN kernel without a version bump; the batch counter
-        # it increments in Python does bump, so it flags a training step
-        extra = () if bn is None else tuple(t for t in (bn.weight, bn.bias, bn.running_mean, bn.running_var,
-                                                        bn.num_batches_tracked) if t is not None)
+        extra = () if self._folded_bn is None else self._folded_bn.tracked()
         return tuple(self.parameters(recurse=False)) + tuple(self.weights) + extra
 
     def folds(self, bn: nn.Module) -> bool:
@@ -480,6 +476,21 @@ class FoldedBatchNorm2d(nn.BatchNorm2d):
         return {"num_features": self.num_features, "eps": self.eps, "momentum": self.momentum,
                 "affine": self.affine, "track_running_stats": self.track_running_stats,
                 "producer": self.producer}
+
+    def inference_affine(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """(scale, shift) of the eval-mode map y = scale * x + shift, for the producer to fold."""
+        scale = torch.rsqrt(self.running_var + self.eps)
+        shift = -self.running_mean * scale
+        if self.affine:
+            scale, shift = scale * self.weight, shift * self.weight + self.bias
+        return scale, shift
+
+    def tracked(self) -> tuple:
+        """The tensors a folded copy of this BN is built from; a producer rebuilds it when one's
+        version changes. Running stats change inside the BN kernel without a version bump; the
+        batch counter it increments in Python does bump, so it flags a training step."""
+        return tuple(t for t in (self.weight, self.bias, self.running_mean, self.running_var,
+                                 self.num_batches_tracked) if t is not None)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         conv = self._conv

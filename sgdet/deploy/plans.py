@@ -191,10 +191,7 @@ def compile_native(layer) -> dict[str, torch.Tensor]:
     bias = None if layer.bias is None else layer.bias.detach().cpu()
     bn, scale, shift = layer._folded_bn, None, None
     if bn is not None:                                      # y = scale * (conv + bias) + shift
-        scale = torch.rsqrt(bn.running_var + bn.eps)
-        shift = -bn.running_mean * scale
-        if bn.affine:
-            scale, shift = scale * bn.weight, shift * bn.weight + bn.bias
+        scale, shift = bn.inference_affine()
         scale, shift = scale.detach().cpu()[out_channel], shift.detach().cpu()[out_channel]
     packed = native.pack_conv(weights, list(parts), out_channel, bias=bias, scale=scale, shift=shift)
     device = layer.weights[0].device if len(layer.weights) else torch.device("cpu")
