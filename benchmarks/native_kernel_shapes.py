@@ -17,7 +17,7 @@ import torch
 import torch.nn.functional as F
 
 from sgdet.deploy import native
-from sgdet.deploy.timing import time_samples
+from sgdet.deploy.timing import time_interleaved
 from sgdet.files import write_text
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
@@ -43,8 +43,7 @@ def run_shape(name, cin, cout, k, size, batch, groups, keep, repeats) -> dict:
         for lists, packed in packs.items():
             fns[f"{lists}-{v}"] = (lambda p=packed, v=v: native.conv2d(x, p, padding=(k // 2, k // 2), variant=v))
     with torch.no_grad():
-        samples = time_samples(fns, repeats=repeats, warmup=2, device=x.device)
-    med = {key: sorted(s)[len(s) // 2] for key, s in samples.items()}
+        med = time_interleaved(fns, repeats=repeats, warmup=2, device=x.device)
     flops_sg = 2 * batch * size * size * cout * kg * k * k
     flops_dense = 2 * batch * size * size * cout * cin * k * k
     return {"shape": name, "c_in": cin, "c_out": cout, "kernel": k, "size": size, "batch": batch,
