@@ -78,6 +78,7 @@ setup(**({} if CppExtension is None else dict(
     ext_modules=[CppExtension(
         name="sgdet.deploy.native._C",
         sources=[os.path.join(NATIVE, name) for name in SOURCES],
+        depends=[os.path.join(NATIVE, "kernel.h")],   # an edited header rebuilds the extension
         extra_compile_args={"cxx": CXX_FLAGS},
         extra_link_args=["-fopenmp"],
     )],

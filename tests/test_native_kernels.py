@@ -1,7 +1,8 @@
 """Tests the native kernel stage (sgdet.deploy.native) on its own: conv2d / linear equal
 F.conv2d / F.linear on the dense masked weight for every ISA this CPU runs and every tile
 variant (kernel sizes 1-7, stride 1-2, padding, dilation, odd maps, one-filter and input-less
-groups, overlapping index lists, permuted outputs, folded BN, residual, ReLU); ISA forcing and
+groups, overlapping index lists, permuted outputs, folded BN, residual, ReLU), also in forced
+small channel passes; ISA forcing and
 refusal; torch.compile, torch.export and torch.jit.trace see the op."""
 from __future__ import annotations
 
@@ -130,6 +131,33 @@ def test_conv2d_equals_dense(isa):
             assert close(y, ref), f"{where}: max error {(y - ref).abs().max():.3g}"
             y = native.conv2d(x, packed, relu=True, residual=residual, variant=variant, **geometry)
             assert close(y, (ref + residual).relu()), f"{where} (residual + relu)"
+
+
+@torch.no_grad()
+@pytest.mark.parametrize("per_pass", [1, 3, 16])
+def test_channel_passes_equal_dense(isa, per_pass):
+    """Forced small passes: sums carried between passes in the partial buffer (first pass from
+    the bias, last one through residual + ReLU), groups of 0..cin channels, packed tiles of 24+3."""
+    native.set_pass_channels(per_pass)
+    try:
+        for case in CASES[::3]:
+            rng = random.Random(case["seed"])
+            torch.manual_seed(case["seed"])
+            cin, cout, k = case["cin"], case["cout"], case["k"]
+            ws, idx, oc = random_layer(rng, cin, cout, k)
+            bias = torch.randn(cout)
+            packed = native.pack_conv(ws, idx, oc, bias)
+            x = torch.randn(case["n"], cin, case["h"], case["w"])
+            geometry = dict(stride=case["stride"], padding=case["pad"], dilation=case["dil"])
+            ref = F.conv2d(x, dense_weight(ws, idx, oc, cin, cout), scatter(bias, oc, cout), **geometry)
+            residual = torch.randn_like(ref)
+            for variant in VARIANTS:
+                y = native.conv2d(x, packed, relu=True, residual=residual, variant=variant, **geometry)
+                assert close(y, (ref + residual).relu()), f"{isa} variant {variant} {per_pass}/pass {case}"
+    finally:
+        native.set_pass_channels(None)
+    with pytest.raises(ValueError, match="channels per pass"):
+        native.set_pass_channels(-1)
 
 
 @torch.no_grad()

@@ -57,8 +57,8 @@ import warnings
 
 import torch
 
-__all__ = ["available", "unavailable_reason", "isas", "isa", "set_isa", "variants", "pack_tile",
-           "pack_conv", "conv2d", "linear"]
+__all__ = ["available", "unavailable_reason", "isas", "isa", "set_isa", "set_pass_channels",
+           "variants", "pack_tile", "pack_conv", "conv2d", "linear"]
 
 ISAS = ("avx512", "avx2", "portable")
 FORMAT_VERSION = 1
@@ -144,6 +144,15 @@ def set_isa(name: str | None) -> None:
         raise ValueError(f"this CPU lacks the {name} instructions the kernel needs; it runs: "
                          f"{', '.join(isas())}")
     torch.ops.sgdet.native_set_isa(ISAS.index(name))
+
+
+def set_pass_channels(channels: int | None) -> None:
+    """Channels the kernel reads per pass over a pixel block (None or 0: automatic, sized so the
+    block's input strip stays in L1 while every filter tile reads it). For tests, which force
+    small passes to exercise the partial sums, and for tuning; results do not depend on it
+    beyond float rounding order."""
+    _require()
+    torch.ops.sgdet.native_set_pass_channels(int(channels or 0))
 
 
 def pack_tile() -> int:

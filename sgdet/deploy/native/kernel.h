@@ -45,6 +45,7 @@ struct ConvArgs {
   int64_t nblocks;               // blocks of PV vectors, all images
   // work items: (chunk of blocks, slice of groups); see ops.cpp
   int32_t chunk_blocks, n_chunks, n_slices, group_major;
+  int32_t kc;                    // channels per pass (kc >= a group's count: one pass); >= 1
 };
 
 /* Vector layouts. Flat: an image's vector v holds output pixels v*lanes ... in flat oh*Wo + ow
@@ -298,12 +299,18 @@ inline void store(const ConvArgs& a, const Block<A, PV>& b, const Job& t,
   }
 }
 
+/* One filter tile over one pass of the group's channels. Passes (ConvArgs::kc channels each)
+   keep the block's input strip for those channels in L1 while every filter tile of the packed
+   tile reads it, instead of each tile streaming the group's whole strip from L2. Between passes
+   a tile's sums wait in `part` (TF x PV vectors); the first pass starts from the bias, the last
+   stores. */
 template <class A, int TF, int PV, int LOAD>
-void run_tile(const ConvArgs& a, const Block<A, PV>& b, const Job& t) {
+void run_tile(const ConvArgs& a, const Block<A, PV>& b, const Job& t, float* part, bool first,
+              bool last) {
   typename A::V acc[TF][PV];
   for (int f = 0; f < TF; ++f) {
     const typename A::V bv = A::set1(t.bias[f]);
-    for (int j = 0; j < PV; ++j) acc[f][j] = bv;
+    for (int j = 0; j < PV; ++j) acc[f][j] = first ? bv : A::loadu(part + (f * PV + j) * A::N);
   }
   for (int s = 0; s < b.live; ++s) {
     if (LOAD == kFlat && !b.uniform)
@@ -313,20 +320,26 @@ void run_tile(const ConvArgs& a, const Block<A, PV>& b, const Job& t) {
     else
       channels<A, TF, PV, LOAD, false>(a, b, t, s, acc);
   }
-  store<A, TF, PV>(a, b, t, acc);
+  if (last) {
+    store<A, TF, PV>(a, b, t, acc);
+  } else {
+    for (int f = 0; f < TF; ++f)
+      for (int j = 0; j < PV; ++j) A::storeu(part + (f * PV + j) * A::N, acc[f][j]);
+  }
 }
 
 // Tiles of R < TF filters (a group's or packed tile's rest) run an exact R-filter kernel.
 template <class A, int R, int PV, int LOAD>
 struct Rest {
-  static void run(int r, const ConvArgs& a, const Block<A, PV>& b, const Job& t) {
-    if (r == R) run_tile<A, R, PV, LOAD>(a, b, t);
-    else Rest<A, R - 1, PV, LOAD>::run(r, a, b, t);
+  static void run(int r, const ConvArgs& a, const Block<A, PV>& b, const Job& t, float* part,
+                  bool first, bool last) {
+    if (r == R) run_tile<A, R, PV, LOAD>(a, b, t, part, first, last);
+    else Rest<A, R - 1, PV, LOAD>::run(r, a, b, t, part, first, last);
   }
 };
 template <class A, int PV, int LOAD>
 struct Rest<A, 0, PV, LOAD> {
-  static void run(int, const ConvArgs&, const Block<A, PV>&, const Job&) {}
+  static void run(int, const ConvArgs&, const Block<A, PV>&, const Job&, float*, bool, bool) {}
 };
 
 /* Work items [begin, end). An item is (chunk of pixel blocks, slice of groups); inside, each
@@ -337,6 +350,7 @@ struct Rest<A, 0, PV, LOAD> {
 template <class A, int TF, int PV, int LOAD>
 void conv_items(const ConvArgs& a, int64_t begin, int64_t end) {
   Block<A, PV> b;
+  alignas(64) float part[kPackTile * PV * A::N];   // a packed tile's sums between passes
   for (int64_t item = begin; item < end; ++item) {
     const int64_t chunk = a.group_major ? item % a.n_chunks : item / a.n_slices;
     const int64_t slice = a.group_major ? item / a.n_chunks : item % a.n_slices;
@@ -352,22 +366,27 @@ void conv_items(const ConvArgs& a, int64_t begin, int64_t end) {
       for (int64_t g = g0; g < g1; ++g) {
         const int64_t* gs = a.groups + 5 * g;
         const int64_t fs = gs[0], nf = gs[1], is = gs[2], kg = gs[3], wc = gs[4];
-        t.idx = a.in_index + is;
-        t.kg = (int32_t)kg;
+        const int32_t passes = kg <= a.kc ? 1 : (int32_t)((kg + a.kc - 1) / a.kc);
         for (int64_t p = 0; p < nf; p += kPackTile) {
           t.tw = (int32_t)(nf - p < kPackTile ? nf - p : kPackTile);
           const float* wp = a.w + wc + p * kg;   // earlier tiles are full width
           // balanced filter tiles: 8 filters run as 4 + 4, not 6 + 2
           const int32_t tiles = (t.tw + TF - 1) / TF;
-          for (int32_t q = 0, f0 = 0; q < tiles; ++q) {
-            const int32_t r = t.tw / tiles + (q < t.tw % tiles);
-            t.w = wp + f0;
-            t.cold = p == 0 && q == 0;
-            t.bias = a.bias + fs + p + f0;
-            t.oc = a.out_channel + fs + p + f0;
-            if (r == TF) run_tile<A, TF, PV, LOAD>(a, b, t);
-            else Rest<A, TF - 1, PV, LOAD>::run(r, a, b, t);
-            f0 += r;
+          for (int32_t pass = 0; pass < passes; ++pass) {
+            const int64_t c0 = kg * pass / passes, c1 = kg * (pass + 1) / passes;
+            t.idx = a.in_index + is + c0;
+            t.kg = (int32_t)(c1 - c0);
+            for (int32_t q = 0, f0 = 0; q < tiles; ++q) {
+              const int32_t r = t.tw / tiles + (q < t.tw % tiles);
+              t.w = wp + f0 + c0 * t.tw;
+              t.cold = q == 0;   // a pass's first tile reads rows no tile has touched yet
+              t.bias = a.bias + fs + p + f0;
+              t.oc = a.out_channel + fs + p + f0;
+              float* pt = part + (int64_t)f0 * PV * A::N;
+              if (r == TF) run_tile<A, TF, PV, LOAD>(a, b, t, pt, pass == 0, pass == passes - 1);
+              else Rest<A, TF - 1, PV, LOAD>::run(r, a, b, t, pt, pass == 0, pass == passes - 1);
+              f0 += r;
+            }
           }
         }
       }
