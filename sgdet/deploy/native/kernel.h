@@ -199,21 +199,22 @@ struct Job {
   bool cold;              // the group's first filter tile on this block: its rows may be uncached
 };
 
-// One input channel: load its PV vectors for this tap and FMA them with TF broadcast weights.
-// always_inline: if GCC leaves this (or the channel loop) out of line, the accumulators go to
-// the stack and the kernel runs at a third of its speed.
+// One input channel (element offset `chan` of its plane from each vector's base): load its PV
+// vectors for this tap and FMA them with TF broadcast weights from wc. always_inline: if GCC
+// leaves this (or the channel loop) out of line, the accumulators go to the stack and the kernel
+// runs at a third of its speed.
 template <class A, int TF, int PV, int LOAD, bool FULL>
 __attribute__((always_inline)) inline void step(
-    const float* src, const float* wc, const int64_t (&o)[PV], const typename A::M (&m)[PV],
+    int64_t chan, const float* const (&base)[PV], const float* wc, const typename A::M (&m)[PV],
     const typename A::M (&m2)[PV], const typename A::I (&off)[PV], typename A::V (&r)[TF][PV]) {
   using V = typename A::V;
   V in[PV];
   for (int j = 0; j < PV; ++j) {
-    if (LOAD == kGather) in[j] = A::gather(src, off[j], m[j]);
-    else if (LOAD == kDeint) in[j] = A::deint(A::load(src + o[j], m[j]), A::load(src + o[j] + A::N, m2[j]));
-    else if (LOAD == kVec) in[j] = A::load(src + o[j], m[j]);
-    else if (FULL) in[j] = A::loadu(src + o[0] + j * A::N);   // flat: displacements
-    else in[j] = A::load(src + o[0] + j * A::N, m[j]);
+    if (LOAD == kGather) in[j] = A::gather(base[0] + chan, off[j], m[j]);
+    else if (LOAD == kDeint) in[j] = A::deint(A::load(base[j] + chan, m[j]), A::load(base[j] + chan + A::N, m2[j]));
+    else if (LOAD == kVec) in[j] = A::load(base[j] + chan, m[j]);
+    else if (FULL) in[j] = A::loadu(base[0] + chan + j * A::N);   // flat: displacements
+    else in[j] = A::load(base[0] + chan + j * A::N, m[j]);
   }
   for (int f = 0; f < TF; ++f) {
     const V wf = A::bcast(wc + f);
@@ -222,19 +223,22 @@ __attribute__((always_inline)) inline void step(
 }
 
 // Channel loop for one tap, through the group's index list. FULL drops the masks (interior
-// blocks; matters for AVX2).
+// blocks; matters for AVX2). The loop walks the index list and the weights with pointers, and
+// each vector's base address is fixed before it, so a step is one index load, one multiply and
+// the loads with constant displacements (GCC otherwise kept per-filter weight offsets on the
+// stack and recomputed every address: ~45 instructions per 12 FMAs on AVX2).
 template <class A, int TF, int PV, int LOAD, bool FULL>
 __attribute__((always_inline)) inline void channels(const ConvArgs& a, const Block<A, PV>& b,
                                                     const Job& t, int s,
                                                     typename A::V (&acc)[TF][PV]) {
   typename A::M m[PV], m2[PV];
   typename A::I off[PV];
-  int64_t o[PV];
+  const float* base[PV];
   for (int j = 0; j < PV; ++j) {
     // A fully masked vector still reads from its address: point it into the plane (a masked
     // load from an unmapped page costs a microcode assist on every channel).
-    o[j] = LOAD == kFlat ? b.org[0] + b.toff[s] + j * A::N
-                         : (b.bits[s][j] ? b.org[j] + b.toff[s] : 0);
+    base[j] = t.xn + (LOAD == kFlat ? b.org[0] + b.toff[s] + j * A::N
+                      : LOAD == kGather ? 0 : (b.bits[s][j] ? b.org[j] + b.toff[s] : 0));
     if (LOAD == kDeint) {
       m[j] = A::mask(b.bits2[s][j][0]);
       m2[j] = A::mask(b.bits2[s][j][1]);
@@ -244,8 +248,10 @@ __attribute__((always_inline)) inline void channels(const ConvArgs& a, const Blo
     }
     if (LOAD == kGather) off[j] = A::offsets(b.base[j], (int32_t)b.toff[s]);
   }
-  const float* w = t.w + (int64_t)b.tap[s] * a.w_row;
-  const int64_t sc = a.x_sc;
+  const float* wc = t.w + (int64_t)b.tap[s] * a.w_row;
+  const int64_t sc = a.x_sc, tw = t.tw;
+  const int32_t* ip = t.idx;
+  const int32_t* const end = ip + t.kg;
   // a local copy: updated through the caller's array, GCC stores every accumulator each channel
   typename A::V r[TF][PV];
   for (int f = 0; f < TF; ++f)
@@ -255,18 +261,17 @@ __attribute__((always_inline)) inline void channels(const ConvArgs& a, const Blo
   // A::kPrefetchColdOnly: only the group's first filter tile prefetches; the later tiles re-read
   // rows it brought in, and the prefetch's index load and address math cost issue slots.
   const int ahead = a.ahead >= 0 ? a.ahead : A::kPrefetchFmas / (TF * PV);
-  int c = 0;
   if (LOAD != kGather && ahead > 0 && (t.cold || !A::kPrefetchColdOnly))
-    for (; c + ahead < t.kg; ++c) {
-      const float* pre = t.xn + (int64_t)t.idx[c + ahead] * sc;
+    for (; end - ip > ahead; ++ip, wc += tw) {
+      const int64_t pre = (int64_t)ip[ahead] * sc;
       for (int j = 0; j < PV; ++j) {
-        __builtin_prefetch(pre + o[j]);
-        if (LOAD == kDeint) __builtin_prefetch(pre + o[j] + A::N);
+        __builtin_prefetch(base[j] + pre);
+        if (LOAD == kDeint) __builtin_prefetch(base[j] + pre + A::N);
       }
-      step<A, TF, PV, LOAD, FULL>(t.xn + (int64_t)t.idx[c] * sc, w + (int64_t)c * t.tw, o, m, m2, off, r);
+      step<A, TF, PV, LOAD, FULL>((int64_t)*ip * sc, base, wc, m, m2, off, r);
     }
-  for (; c < t.kg; ++c)
-    step<A, TF, PV, LOAD, FULL>(t.xn + (int64_t)t.idx[c] * sc, w + (int64_t)c * t.tw, o, m, m2, off, r);
+  for (; ip < end; ++ip, wc += tw)
+    step<A, TF, PV, LOAD, FULL>((int64_t)*ip * sc, base, wc, m, m2, off, r);
   for (int f = 0; f < TF; ++f)
     for (int j = 0; j < PV; ++j) acc[f][j] = r[f][j];
 }
