@@ -282,6 +282,26 @@ def test_interleaved_timing_shuffles_the_order_of_every_round():
     assert again == calls                                        # seeded: the same order each run
 
 
+def test_close_wins_are_timed_again_before_they_replace_dense():
+    import time as clock
+
+    from sgdet.deploy.timing import confirmed_win
+    calls = []
+
+    def sleeper(name, ms):
+        return lambda: (calls.append(name), clock.sleep(ms / 1e3))
+
+    quick, slow = sleeper("quick", 1), sleeper("slow", 10)
+    # clear verdicts stand without another run
+    assert confirmed_win(quick, slow, {"fast": 0.5, "dense": 1.0}, 0.05) == (True, {}) and not calls
+    assert confirmed_win(quick, slow, {"fast": 0.97, "dense": 1.0}, 0.05) == (False, {}) and not calls
+    # a close first win (0.9 < 0.95 but > 0.85) is re-timed, and the re-timing decides
+    wins, again = confirmed_win(slow, quick, {"fast": 0.9, "dense": 1.0}, 0.05, repeats=1)
+    assert not wins and again["fast"] > again["dense"] and calls.count("slow") >= 9
+    wins, again = confirmed_win(quick, slow, {"fast": 0.9, "dense": 1.0}, 0.05, repeats=1)
+    assert wins and again["fast"] < again["dense"]
+
+
 def test_tuned_model_falls_back_to_dense_plans_unless_faster_whole(compressed):
     model, size = compressed["densenet"]
     x = torch.randn(2, *size)

@@ -41,7 +41,7 @@ from . import native
 from .native import cuda as native_cuda
 from .plans import (BACKENDS, bucket_order, choose_plan, dense_plan, native_applies, native_kind,
                     plan_label, reorder_groups)
-from .timing import time_interleaved
+from .timing import confirmed_win, time_interleaved
 
 _DEPLOYED = (DiverseGroupConv2d, DiverseGroupLinear)
 log = logging.getLogger("sgdet")
@@ -217,9 +217,11 @@ def native_dense_convs(model: nn.Module, x: torch.Tensor, repeats: int, margin: 
         if xin is None or not native_applies(candidate, xin):
             continue
         choose_plan(candidate, xin, repeats, margin, backend="native")      # its fastest tile shape
-        seconds = time_interleaved({"native": lambda: candidate(xin), "dense": lambda: conv(xin)},
+        run_native, run_dense = (lambda: candidate(xin)), (lambda: conv(xin))
+        seconds = time_interleaved({"native": run_native, "dense": run_dense},
                                    repeats=repeats, warmup=2, device=xin.device)
-        if seconds["native"] < (1.0 - margin) * seconds["dense"]:
+        if confirmed_win(run_native, run_dense, {"fast": seconds["native"], "dense": seconds["dense"]},
+                         margin, repeats, xin.device)[0]:
             model.set_submodule(name, candidate, strict=True)
             moved.append(name)
     return moved

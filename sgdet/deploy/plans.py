@@ -18,7 +18,7 @@ from torch import nn
 
 from . import native
 from .native import cuda as native_cuda
-from .timing import time_interleaved
+from .timing import confirmed_win, time_interleaved
 
 BACKENDS = ("auto", "native", "torch")
 
@@ -299,7 +299,9 @@ def choose_plan(layer, x: torch.Tensor | None = None, repeats: int = 5, margin: 
 
     Candidates are timed interleaved on ``x`` (or scored by the cost model without it). The
     dense plan is kept unless another is faster by more than ``margin``: a plan that wins only
-    by timing noise must not be able to make the layer slower than its dense original.
+    by timing noise must not be able to make the layer slower than its dense original. A close
+    win is timed again against dense (timing.confirmed_win); its medians are returned under
+    "confirm: <label>" and "confirm: dense".
     ``backend="native"`` runs the layer natively (its fastest tile shape), ``"torch"`` never."""
     was_training = layer.training
     layer.eval()
@@ -317,8 +319,17 @@ def choose_plan(layer, x: torch.Tensor | None = None, repeats: int = 5, margin: 
         results = time_interleaved({label: (lambda m=m: m(x)) for label, m in copies.items()},
                                    repeats=repeats, warmup=2, device=x.device)
     best = min(results, key=results.get)
-    if "dense" in results and best != "dense" and results[best] > (1.0 - margin) * results["dense"]:
-        best = "dense"
+    if "dense" in results and best != "dense":
+        if x is None:
+            wins = results[best] <= (1.0 - margin) * results["dense"]
+        else:
+            wins, again = confirmed_win(lambda: copies[best](x), lambda: copies["dense"](x),
+                                        {"fast": results[best], "dense": results["dense"]},
+                                        margin, repeats, x.device)
+            if again:
+                results[f"confirm: {best}"], results["confirm: dense"] = again["fast"], again["dense"]
+        if not wins:
+            best = "dense"
     layer.set_plan(plans[best])
     layer.train(was_training)
     return results
