@@ -106,9 +106,10 @@ def test_cases_cover_the_grid():
     assert any(c["h"] == 1 and c["w"] == 1 for c in CASES)
 
 
-@torch.no_grad()
-def test_conv2d_equals_dense(isa):
-    for case in CASES:
+def assert_cases_equal_dense(isa, cases):
+    """Every tile variant on each case's random layer (random bias and folded BN) equals the
+    masked dense conv, plain and through residual + ReLU."""
+    for case in cases:
         rng = random.Random(case["seed"])
         torch.manual_seed(case["seed"])
         cin, cout, k = case["cin"], case["cout"], case["k"]
@@ -134,26 +135,18 @@ def test_conv2d_equals_dense(isa):
 
 
 @torch.no_grad()
+def test_conv2d_equals_dense(isa):
+    assert_cases_equal_dense(isa, CASES)
+
+
+@torch.no_grad()
 @pytest.mark.parametrize("per_pass", [1, 3, 16])
 def test_channel_passes_equal_dense(isa, per_pass):
     """Forced small passes: sums carried between passes in the partial buffer (first pass from
     the bias, last one through residual + ReLU), groups of 0..cin channels, packed tiles of 24+3."""
     native.set_pass_channels(per_pass)
     try:
-        for case in CASES[::3]:
-            rng = random.Random(case["seed"])
-            torch.manual_seed(case["seed"])
-            cin, cout, k = case["cin"], case["cout"], case["k"]
-            ws, idx, oc = random_layer(rng, cin, cout, k)
-            bias = torch.randn(cout)
-            packed = native.pack_conv(ws, idx, oc, bias)
-            x = torch.randn(case["n"], cin, case["h"], case["w"])
-            geometry = dict(stride=case["stride"], padding=case["pad"], dilation=case["dil"])
-            ref = F.conv2d(x, dense_weight(ws, idx, oc, cin, cout), scatter(bias, oc, cout), **geometry)
-            residual = torch.randn_like(ref)
-            for variant in VARIANTS:
-                y = native.conv2d(x, packed, relu=True, residual=residual, variant=variant, **geometry)
-                assert close(y, (ref + residual).relu()), f"{isa} variant {variant} {per_pass}/pass {case}"
+        assert_cases_equal_dense(isa, CASES[::3])
     finally:
         native.set_pass_channels(None)
     with pytest.raises(ValueError, match="channels per pass"):

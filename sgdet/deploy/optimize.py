@@ -217,11 +217,9 @@ def native_dense_convs(model: nn.Module, x: torch.Tensor, repeats: int, margin: 
         if xin is None or not native_applies(candidate, xin):
             continue
         choose_plan(candidate, xin, repeats, margin, backend="native")      # its fastest tile shape
-        run_native, run_dense = (lambda: candidate(xin)), (lambda: conv(xin))
-        seconds = time_interleaved({"native": run_native, "dense": run_dense},
-                                   repeats=repeats, warmup=2, device=xin.device)
-        if confirmed_win(run_native, run_dense, {"fast": seconds["native"], "dense": seconds["dense"]},
-                         margin, repeats, xin.device)[0]:
+        runs = {"fast": lambda: candidate(xin), "dense": lambda: conv(xin)}
+        seconds = time_interleaved(runs, repeats=repeats, warmup=2, device=xin.device)
+        if confirmed_win(runs["fast"], runs["dense"], seconds, margin, repeats, xin.device)[0]:
             model.set_submodule(name, candidate, strict=True)
             moved.append(name)
     return moved

@@ -384,7 +384,9 @@ void conv_items(const ConvArgs& a, int64_t begin, int64_t end) {
             for (int32_t q = 0, f0 = 0; q < tiles; ++q) {
               const int32_t r = t.tw / tiles + (q < t.tw % tiles);
               t.w = wp + f0 + c0 * t.tw;
-              t.cold = q == 0;   // a pass's first tile reads rows no tile has touched yet
+              // a pass's first tile reads rows no tile has touched yet; with one pass, packed
+              // tiles after the first re-read rows the first brought in
+              t.cold = q == 0 && (p == 0 || passes > 1);
               t.bias = a.bias + fs + p + f0;
               t.oc = a.out_channel + fs + p + f0;
               float* pt = part + (int64_t)f0 * PV * A::N;

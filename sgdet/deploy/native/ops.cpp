@@ -252,9 +252,9 @@ at::Tensor conv_impl(const at::Tensor& x_in, const at::Tensor& weight, const at:
   const int64_t span = 4 * (bp * stride[0] * stride[1] + (kh - 1) * dilation[0] * W +
                             (kw - 1) * dilation[1]) + 64;
   const int64_t forced_kc = g_pass_channels.load();
-  a.kc = (int32_t)std::max<int64_t>(1, forced_kc > 0 ? std::min<int64_t>(forced_kc, 1 << 30)
-                                   : kh * kw == 1 ? (int64_t)1 << 30
-                                                  : std::max<int64_t>(16, kPassBytes / span));
+  a.kc = (int32_t)(forced_kc > 0 ? std::min<int64_t>(forced_kc, 1 << 30)
+                   : kh * kw == 1 ? 1 << 30
+                                  : std::max<int64_t>(16, kPassBytes / span));
 
   const ConvFn fn = kConv[isa];
   const int32_t v = (int32_t)variant;
