@@ -154,6 +154,20 @@ def test_channel_passes_equal_dense(isa, per_pass):
 
 
 @torch.no_grad()
+@pytest.mark.parametrize("limit", [0, 1 << 30])
+def test_next_block_prefetch_equals_dense(isa, limit):
+    """The channel loop that prefetches the next block (1x1 convs, short lists) forced on for
+    every list on every ISA, and off: both paths compute the same sums."""
+    native.set_prefetch_next(limit)
+    try:
+        assert_cases_equal_dense(isa, [c for c in CASES if c["k"] == 1])
+    finally:
+        native.set_prefetch_next(None)
+    with pytest.raises(ValueError, match="next-block prefetch"):
+        native.set_prefetch_next(-2)
+
+
+@torch.no_grad()
 def test_asymmetric_geometry_and_strided_input(isa):
     rng = random.Random(7)
     ws, idx, oc = random_layer(rng, 21, 30, 3)

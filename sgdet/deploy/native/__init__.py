@@ -58,6 +58,7 @@ import warnings
 import torch
 
 __all__ = ["available", "unavailable_reason", "isas", "isa", "set_isa", "set_pass_channels",
+           "set_prefetch_next",
            "variants", "pack_tile", "pack_conv", "conv2d", "linear"]
 
 ISAS = ("avx512", "avx2", "portable")
@@ -153,6 +154,14 @@ def set_pass_channels(channels: int | None) -> None:
     beyond float rounding order."""
     _require()
     torch.ops.sgdet.native_set_pass_channels(int(channels or 0))
+
+
+def set_prefetch_next(fmas: int | None) -> None:
+    """Channel lists of at most `fmas` FMAs per tap have a group's first filter tile prefetch
+    the next pixel block's rows into L2 (None or -1: the ISA's default; 0: never). For tests,
+    which force both prefetch paths, and for A/B timing; results do not depend on it."""
+    _require()
+    torch.ops.sgdet.native_set_prefetch_next(-1 if fmas is None else int(fmas))
 
 
 def pack_tile() -> int:

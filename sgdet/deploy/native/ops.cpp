@@ -5,6 +5,7 @@
 
      sgdet::diverse_conv2d, sgdet::diverse_linear   the layers (fake kernels: Python side)
      sgdet::native_info, sgdet::native_set_isa      ISA detection and forcing
+     sgdet::native_set_pass_channels, sgdet::native_set_prefetch_next   tuning knobs (tests, A/B)
 
    Only the few torch headers the glue needs are included (build time on small machines). */
 #include <ATen/Parallel.h>
@@ -64,6 +65,7 @@ int64_t best_isa() {
 
 std::atomic<int64_t> g_forced{-1};   // -1: automatic
 std::atomic<int64_t> g_pass_channels{0};   // 0: automatic; > 0: channels per pass (tests, tuning)
+std::atomic<int64_t> g_next_fmas{-1};      // -1: the ISA's default; >= 0: next-block prefetch limit
 
 int64_t current_isa() {
   const int64_t f = g_forced.load();
@@ -88,6 +90,11 @@ std::vector<int64_t> native_info() {
 void native_set_pass_channels(int64_t kc) {
   TORCH_CHECK_VALUE(kc >= 0, "sgdet native: channels per pass must be >= 0 (0: automatic), got ", kc);
   g_pass_channels.store(kc);
+}
+
+void native_set_prefetch_next(int64_t fmas) {
+  TORCH_CHECK_VALUE(fmas >= -1, "sgdet native: next-block prefetch limit must be >= -1 (-1: default), got ", fmas);
+  g_next_fmas.store(std::min<int64_t>(fmas, 1 << 30));
 }
 
 void native_set_isa(int64_t isa) {
@@ -213,6 +220,7 @@ at::Tensor conv_impl(const at::Tensor& x_in, const at::Tensor& weight, const at:
   a.relu = relu;
   a.N = (int32_t)N;
   a.ahead = -1;
+  a.next_fmas = (int32_t)g_next_fmas.load();
 
   /* Vector layout (kernel.h): flat runs when stride 1 keeps the row width; rows for stride
      width 2 unless most lanes of a row's last vector would idle (Wo = 7 on 16 lanes); gathers
@@ -309,6 +317,7 @@ using sgdet_native::diverse_linear;
 using sgdet_native::native_info;
 using sgdet_native::native_set_isa;
 using sgdet_native::native_set_pass_channels;
+using sgdet_native::native_set_prefetch_next;
 
 TORCH_LIBRARY(sgdet, m) {
   m.set_python_module("sgdet.deploy.native");
@@ -320,6 +329,7 @@ TORCH_LIBRARY(sgdet, m) {
   m.def("native_info() -> int[]", &native_info);
   m.def("native_set_isa(int isa) -> ()", &native_set_isa);
   m.def("native_set_pass_channels(int channels) -> ()", &native_set_pass_channels);
+  m.def("native_set_prefetch_next(int fmas) -> ()", &native_set_prefetch_next);
 }
 
 TORCH_LIBRARY_IMPL(sgdet, CPU, m) {
