@@ -167,6 +167,37 @@ def test_next_block_prefetch_equals_dense(isa, limit):
         native.set_prefetch_next(-2)
 
 
+def phase_cases():
+    """Stride-2 geometries whose output rows are as wide as the phase planes ((W+1)/2): k x k
+    with padding k//2 (dilation 1) or k-1 (dilation 2), even and odd maps, odd channel counts."""
+    rng = random.Random(99)
+    for k in (1, 3, 5, 7):
+        for dil in (1, 2):
+            for h, w in ((14, 14), (9, 11), (7, 8)):
+                pad = k // 2 if dil == 1 else k - 1
+                yield dict(k=k, stride=2, dil=dil, pad=pad, h=h, w=w, n=rng.randint(1, 3),
+                           cin=rng.choice([3, 19, 37]), cout=rng.choice([5, 29, 50]),
+                           seed=rng.randrange(1 << 30))
+
+
+@torch.no_grad()
+@pytest.mark.parametrize("layout", ["phases", "rows"])
+def test_stride2_layouts_equal_dense(isa, layout):
+    """Stride-2 convs on phase planes (split first, then read like stride 1) and on strided
+    rows, each forced, on geometries where both apply; channel passes forced small too, so a
+    pass's taps read from several planes."""
+    native.set_stride2_layout(layout)
+    try:
+        assert_cases_equal_dense(isa, list(phase_cases()))
+        native.set_pass_channels(3)
+        assert_cases_equal_dense(isa, list(phase_cases())[::4])
+    finally:
+        native.set_stride2_layout(None)
+        native.set_pass_channels(None)
+    with pytest.raises(ValueError, match="stride-2 layout"):
+        native.set_stride2_layout("diagonal")
+
+
 @torch.no_grad()
 def test_asymmetric_geometry_and_strided_input(isa):
     rng = random.Random(7)

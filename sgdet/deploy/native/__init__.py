@@ -58,7 +58,7 @@ import warnings
 import torch
 
 __all__ = ["available", "unavailable_reason", "isas", "isa", "set_isa", "set_pass_channels",
-           "set_prefetch_next",
+           "set_prefetch_next", "set_stride2_layout",
            "variants", "pack_tile", "pack_conv", "conv2d", "linear"]
 
 ISAS = ("avx512", "avx2", "portable")
@@ -162,6 +162,18 @@ def set_prefetch_next(fmas: int | None) -> None:
     which force both prefetch paths, and for A/B timing; results do not depend on it."""
     _require()
     torch.ops.sgdet.native_set_prefetch_next(-1 if fmas is None else int(fmas))
+
+
+def set_stride2_layout(layout: str | None) -> None:
+    """How stride-2 convs read their input: "phases" (each channel split into phase planes
+    first, then read like a stride-1 conv; used where the output rows are as wide as the
+    planes), "rows" (strided loads, even lanes kept), or None / "auto" (the default: phases).
+    For tests, which force both, and for A/B timing; results do not depend on it."""
+    _require()
+    modes = {None: -1, "auto": -1, "rows": 0, "phases": 1}
+    if layout not in modes:
+        raise ValueError(f"unknown stride-2 layout {layout!r}: choose rows, phases or None")
+    torch.ops.sgdet.native_set_stride2(modes[layout])
 
 
 def pack_tile() -> int:

@@ -47,6 +47,10 @@ struct ConvArgs {
   // work items: (chunk of blocks, slice of groups); see ops.cpp
   int32_t chunk_blocks, n_chunks, n_slices, group_major;
   int32_t kc;                    // channels per pass (kc >= a group's count: one pass); >= 1
+  // Per kernel row (column): the input row (column) it reads, from the lane's origin, and the
+  // offset of the plane it reads in a channel (0; or a stride-2 conv's phase plane, ops.cpp).
+  int32_t tap_dy[kMaxKernel], tap_dx[kMaxKernel];
+  int64_t plane_y[kMaxKernel], plane_x[kMaxKernel];
 };
 
 /* Vector layouts. Flat: an image's vector v holds output pixels v*lanes ... in flat oh*Wo + ow
@@ -55,7 +59,9 @@ struct ConvArgs {
    of one output row (seg_per_row vectors per row) and reads two vectors, keeping the even lanes.
    In both, blocks of PV vectors run on across images (no idle block at each image's end: 7x7
    maps are 7 vectors of 8 lanes, 3 blocks of 3 per image, but 19 per 8 images). Gather: flat
-   lanes, each gathered (any other geometry); its blocks stay inside one image. */
+   lanes, each gathered (any other geometry); its blocks stay inside one image. Stride-2 convs
+   whose output rows are half the input's width run flat on phase planes (ops.cpp, PhaseSplit):
+   ConvArgs' per-row and per-column tap offsets then point into the plane each tap reads. */
 constexpr int32_t kLayoutFlat = 0;
 constexpr int32_t kLayoutRows = 1;
 constexpr int32_t kLayoutGather = 2;
@@ -151,14 +157,14 @@ void setup_block(const ConvArgs& a, int64_t blk, Block<A, PV>& b) {
     for (int j = 0; j < PV; ++j) {
       uint32_t m = 0;
       for (int i = 0; i < N; ++i)
-        m |= (uint32_t)((uint32_t)(iy[j * N + i] + k * a.dh) < (uint32_t)a.H) << i;
+        m |= (uint32_t)((uint32_t)(iy[j * N + i] + a.tap_dy[k]) < (uint32_t)a.H) << i;
       rowm[k][j] = m;
     }
   for (int k = 0; k < a.kw; ++k)
     for (int j = 0; j < PV; ++j) {
       uint32_t m = 0;
       for (int i = 0; i < N; ++i)
-        m |= (uint32_t)((uint32_t)(ix[j * N + i] + k * a.dw) < (uint32_t)a.W) << i;
+        m |= (uint32_t)((uint32_t)(ix[j * N + i] + a.tap_dx[k]) < (uint32_t)a.W) << i;
       colm[k][j] = m;
     }
   b.live = 0;
@@ -179,7 +185,7 @@ void setup_block(const ConvArgs& a, int64_t blk, Block<A, PV>& b) {
       }
       if (!any) continue;
       b.tap[b.live] = ky * a.kw + kx;
-      b.toff[b.live] = (int64_t)ky * a.dh * a.W + (int64_t)kx * a.dw;
+      b.toff[b.live] = a.plane_y[ky] + a.plane_x[kx] + (int64_t)a.tap_dy[ky] * a.W + a.tap_dx[kx];
       b.full[b.live] = every == all;
       ++b.live;
     }

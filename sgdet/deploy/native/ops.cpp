@@ -5,7 +5,7 @@
 
      sgdet::diverse_conv2d, sgdet::diverse_linear   the layers (fake kernels: Python side)
      sgdet::native_info, sgdet::native_set_isa      ISA detection and forcing
-     sgdet::native_set_pass_channels, sgdet::native_set_prefetch_next   tuning knobs (tests, A/B)
+     sgdet::native_set_pass_channels, _prefetch_next, _stride2   tuning knobs (tests, A/B)
 
    Only the few torch headers the glue needs are included (build time on small machines). */
 #include <ATen/Parallel.h>
@@ -66,6 +66,7 @@ int64_t best_isa() {
 std::atomic<int64_t> g_forced{-1};   // -1: automatic
 std::atomic<int64_t> g_pass_channels{0};   // 0: automatic; > 0: channels per pass (tests, tuning)
 std::atomic<int64_t> g_next_fmas{-1};      // -1: the ISA's default; >= 0: next-block prefetch limit
+std::atomic<int64_t> g_stride2{-1};        // stride-2 convs: -1 automatic, 0 strided rows, 1 phase planes
 
 int64_t current_isa() {
   const int64_t f = g_forced.load();
@@ -95,6 +96,75 @@ void native_set_pass_channels(int64_t kc) {
 void native_set_prefetch_next(int64_t fmas) {
   TORCH_CHECK_VALUE(fmas >= -1, "sgdet native: next-block prefetch limit must be >= -1 (-1: default), got ", fmas);
   g_next_fmas.store(std::min<int64_t>(fmas, 1 << 30));
+}
+
+void native_set_stride2(int64_t mode) {
+  TORCH_CHECK_VALUE(mode >= -1 && mode <= 1, "sgdet native: stride-2 mode must be -1, 0 or 1, got ", mode);
+  g_stride2.store(mode);
+}
+
+/* Stride-2 convs as stride-1 convs over phase planes. Input row r of a plane is row r/2 of
+   phase plane r%2 (columns alike), so output pixel (oh, ow)'s tap ky reads row oh + dy of phase
+   py with ky*dh - ph = 2*dy + py. With each channel split into the phase planes its taps read
+   ((H+1)/2 x (W+1)/2 each, zero-filled past the input's edge), every tap reads a contiguous run
+   of a plane and the kernel's flat layout applies: no strided loads and no lane shuffles.
+   Copying the planes reads the input once (only channels some group reads). */
+struct PhaseSplit {
+  int32_t slot_y[2] = {-1, -1}, slot_x[2] = {-1, -1};   // plane slot of each phase (-1: unused)
+  int32_t ny = 0, nx = 0;
+  int64_t Hp = 0, Wp = 0;
+};
+
+int32_t phase_of(int64_t r) { return (int32_t)(r & 1); }          // r may be negative
+int32_t half_of(int64_t r) { return (int32_t)((r - (r & 1)) / 2); }  // exact: r - phase is even
+
+PhaseSplit plan_phases(int64_t H, int64_t W, int64_t kh, int64_t kw, c10::IntArrayRef padding,
+                       c10::IntArrayRef dilation) {
+  PhaseSplit p;
+  p.Hp = (H + 1) / 2;
+  p.Wp = (W + 1) / 2;
+  for (int64_t k = 0; k < kh; ++k) {
+    const int32_t py = phase_of(k * dilation[0] - padding[0]);
+    if (p.slot_y[py] < 0) p.slot_y[py] = p.ny++;
+  }
+  for (int64_t k = 0; k < kw; ++k) {
+    const int32_t px = phase_of(k * dilation[1] - padding[1]);
+    if (p.slot_x[px] < 0) p.slot_x[px] = p.nx++;
+  }
+  return p;
+}
+
+at::Tensor split_phases(const at::Tensor& x, const PhaseSplit& p, const std::vector<uint8_t>& read) {
+  const int64_t N = x.size(0), C = x.size(1), H = x.size(2), W = x.size(3);
+  const int64_t plane = p.Hp * p.Wp, per_c = p.ny * p.nx * plane;
+  at::Tensor out = at::empty({N, C * per_c}, x.options());
+  const float* src = x.data_ptr<float>();
+  float* dst = out.data_ptr<float>();
+  const int64_t sn = x.stride(0), sc = x.stride(1);
+  at::parallel_for(0, N * C, 1, [&](int64_t b, int64_t e) {
+    for (int64_t nc = b; nc < e; ++nc) {
+      const int64_t n = nc / C, c = nc % C;
+      if (!read[c]) continue;   // no group reads it: never read from the planes either
+      const float* in = src + n * sn + c * sc;
+      for (int32_t py = 0; py < 2; ++py)
+        for (int32_t px = 0; px < 2; ++px) {
+          if (p.slot_y[py] < 0 || p.slot_x[px] < 0) continue;
+          float* o = dst + nc * per_c + (p.slot_y[py] * p.nx + p.slot_x[px]) * plane;
+          for (int64_t i = 0; i < p.Hp; ++i, o += p.Wp) {
+            const int64_t r = 2 * i + py;
+            if (r >= H) {
+              std::fill(o, o + p.Wp, 0.0f);
+              continue;
+            }
+            const float* row = in + r * W;
+            int64_t j = 0;
+            for (; 2 * j + px < W; ++j) o[j] = row[2 * j + px];
+            for (; j < p.Wp; ++j) o[j] = 0.0f;
+          }
+        }
+    }
+  });
+  return out;
 }
 
 void native_set_isa(int64_t isa) {
@@ -160,9 +230,12 @@ at::Tensor conv_impl(const at::Tensor& x_in, const at::Tensor& weight, const at:
   TORCH_CHECK(fsum == F && isum == in_index.numel() && wsum == weight.size(2),
               "sgdet native conv: group table does not match the packed tensors");
   const int32_t* ip = in_index.data_ptr<int32_t>();
-  for (int64_t i = 0; i < isum; ++i)
+  std::vector<uint8_t> read(C, 0);
+  for (int64_t i = 0; i < isum; ++i) {
     TORCH_CHECK(ip[i] >= 0 && ip[i] < C, "sgdet native conv: input channel ", ip[i],
                 " out of range for ", C, " channels");
+    read[ip[i]] = 1;
+  }
   const int64_t Cout = out_channels >= 0 ? out_channels : F;
   const int32_t* op = out_channel.data_ptr<int32_t>();
   std::vector<uint8_t> written(Cout, 0);
@@ -190,12 +263,24 @@ at::Tensor conv_impl(const at::Tensor& x_in, const at::Tensor& weight, const at:
   kVariantsFn[isa](vi);
   const int64_t pv = vi[variant].pv, lanes = vi[variant].lanes, bp = pv * lanes;
 
+  // Stride-2 convs whose output rows are as wide as the phase planes run on phase planes
+  // (PhaseSplit; timed against strided rows: see native_speed_notes.md).
+  const int64_t s2 = g_stride2.load();
+  const bool phases = s2 != 0 && stride[0] == 2 && stride[1] == 2 && Wo == (W + 1) / 2;
+  PhaseSplit ps;
+  at::Tensor xs;
+  if (phases) {
+    ps = plan_phases(H, W, kh, kw, padding, dilation);
+    xs = split_phases(x, ps, read);
+  }
+  const int64_t plane = ps.Hp * ps.Wp;
+
   ConvArgs a{};
-  a.x = x.data_ptr<float>();
-  a.x_sn = x.stride(0);
-  a.x_sc = x.stride(1);
-  a.H = (int32_t)H;
-  a.W = (int32_t)W;
+  a.x = phases ? xs.data_ptr<float>() : x.data_ptr<float>();
+  a.x_sn = phases ? C * ps.ny * ps.nx * plane : x.stride(0);
+  a.x_sc = phases ? ps.ny * ps.nx * plane : x.stride(1);
+  a.H = (int32_t)(phases ? ps.Hp : H);
+  a.W = (int32_t)(phases ? ps.Wp : W);
   a.w = weight.data_ptr<float>();
   a.w_row = weight.size(2);
   a.bias = bias.data_ptr<float>();
@@ -211,12 +296,22 @@ at::Tensor conv_impl(const at::Tensor& x_in, const at::Tensor& weight, const at:
   a.residual = residual.defined() ? residual.data_ptr<float>() : nullptr;
   a.kh = (int32_t)kh;
   a.kw = (int32_t)kw;
-  a.sh = (int32_t)stride[0];
-  a.sw = (int32_t)stride[1];
-  a.ph = (int32_t)padding[0];
-  a.pw = (int32_t)padding[1];
+  a.sh = phases ? 1 : (int32_t)stride[0];
+  a.sw = phases ? 1 : (int32_t)stride[1];
+  a.ph = phases ? 0 : (int32_t)padding[0];
+  a.pw = phases ? 0 : (int32_t)padding[1];
   a.dh = (int32_t)dilation[0];
   a.dw = (int32_t)dilation[1];
+  for (int64_t k = 0; k < kh; ++k) {
+    const int64_t r = k * dilation[0] - padding[0];
+    a.tap_dy[k] = phases ? half_of(r) : (int32_t)(k * dilation[0]);
+    a.plane_y[k] = phases ? ps.slot_y[phase_of(r)] * ps.nx * plane : 0;
+  }
+  for (int64_t k = 0; k < kw; ++k) {
+    const int64_t r = k * dilation[1] - padding[1];
+    a.tap_dx[k] = phases ? half_of(r) : (int32_t)(k * dilation[1]);
+    a.plane_x[k] = phases ? ps.slot_x[phase_of(r)] * plane : 0;
+  }
   a.relu = relu;
   a.N = (int32_t)N;
   a.ahead = -1;
@@ -226,8 +321,8 @@ at::Tensor conv_impl(const at::Tensor& x_in, const at::Tensor& weight, const at:
      width 2 unless most lanes of a row's last vector would idle (Wo = 7 on 16 lanes); gathers
      otherwise (other strides; stride 1 with valid padding, rare in CNNs). */
   const int64_t seg = (Wo + lanes - 1) / lanes;
-  if (stride[0] == 1 && stride[1] == 1 && Wo == W) a.layout = kLayoutFlat;
-  else if (stride[1] == 2 && 2 * Wo >= seg * lanes) a.layout = kLayoutRows;
+  if (a.sh == 1 && a.sw == 1 && Wo == a.W) a.layout = kLayoutFlat;
+  else if (a.sw == 2 && 2 * Wo >= seg * lanes) a.layout = kLayoutRows;
   else a.layout = kLayoutGather;
   a.seg_per_row = (int32_t)seg;
   a.vec_per_image = a.layout == kLayoutRows ? Ho * seg : (Ho * Wo + lanes - 1) / lanes;
@@ -240,7 +335,8 @@ at::Tensor conv_impl(const at::Tensor& x_in, const at::Tensor& weight, const at:
      per item, items ordered so a thread walks blocks and images with one group's weights hot.
      Otherwise groups are only sliced as finely as needed to give every thread a few items. */
   const int64_t threads = at::get_num_threads();
-  const int64_t strip = std::max<int64_t>(1, C * bp * stride[0] * 4);
+  const int64_t planes = phases ? ps.ny * ps.nx : 1;   // planes a block reads per channel
+  const int64_t strip = std::max<int64_t>(1, C * bp * (phases ? planes : stride[0]) * 4);
   const int64_t chunk = std::max<int64_t>(1, std::min<int64_t>(a.nblocks, (128 << 10) / strip));
   a.chunk_blocks = (int32_t)chunk;
   a.n_chunks = (int32_t)((a.nblocks + chunk - 1) / chunk);
@@ -257,8 +353,11 @@ at::Tensor conv_impl(const at::Tensor& x_in, const at::Tensor& weight, const at:
      once per tile and measured no gain from passes (AVX2, Zen 3: -6 % to +8 % per layer, within
      noise), so they run one pass; 3x3 convs on 7-14 px maps gained 5-15 %. */
   constexpr int64_t kPassBytes = 16 << 10;
-  const int64_t span = 4 * (bp * stride[0] * stride[1] + (kh - 1) * dilation[0] * W +
-                            (kw - 1) * dilation[1]) + 64;
+  const auto extent = [](const int32_t* d, int64_t k) {   // rows (columns) the taps span
+    return *std::max_element(d, d + k) - *std::min_element(d, d + k);
+  };
+  const int64_t ext_y = extent(a.tap_dy, kh), ext_x = extent(a.tap_dx, kw);
+  const int64_t span = 4 * planes * (bp * a.sh * a.sw + ext_y * a.W + ext_x) + 64;
   const int64_t forced_kc = g_pass_channels.load();
   a.kc = (int32_t)(forced_kc > 0 ? std::min<int64_t>(forced_kc, 1 << 30)
                    : kh * kw == 1 ? 1 << 30
@@ -318,6 +417,7 @@ using sgdet_native::native_info;
 using sgdet_native::native_set_isa;
 using sgdet_native::native_set_pass_channels;
 using sgdet_native::native_set_prefetch_next;
+using sgdet_native::native_set_stride2;
 
 TORCH_LIBRARY(sgdet, m) {
   m.set_python_module("sgdet.deploy.native");
@@ -330,6 +430,7 @@ TORCH_LIBRARY(sgdet, m) {
   m.def("native_set_isa(int isa) -> ()", &native_set_isa);
   m.def("native_set_pass_channels(int channels) -> ()", &native_set_pass_channels);
   m.def("native_set_prefetch_next(int fmas) -> ()", &native_set_prefetch_next);
+  m.def("native_set_stride2(int mode) -> ()", &native_set_stride2);
 }
 
 TORCH_LIBRARY_IMPL(sgdet, CPU, m) {
