@@ -1,7 +1,8 @@
 /* Native diverse-group convolution, stage 1 of 3 (ops.cpp -> kernel.h -> kernel_<isa>.cpp):
    the torch glue. Checks the packed tensors, picks the ISA (CPU detection, or the one forced),
-   splits the work into items and runs them with at::parallel_for (so torch.set_num_threads
-   applies), and registers the ops in the `sgdet` namespace:
+   splits a stride-2 conv's input into phase planes, splits the work into items and runs them
+   with at::parallel_for (so torch.set_num_threads applies), and registers the ops in the
+   `sgdet` namespace:
 
      sgdet::diverse_conv2d, sgdet::diverse_linear   the layers (fake kernels: Python side)
      sgdet::native_info, sgdet::native_set_isa      ISA detection and forcing
