@@ -36,7 +36,7 @@ struct ConvArgs {
   int64_t o_sn, o_sc;
   int32_t Ho, Wo;
   const float* residual;       // null, or laid out like out
-  int32_t kh, kw, sh, sw, ph, pw, dh, dw;
+  int32_t kh, kw, sh, sw, ph, pw;  // dilation lives in the tap offsets below
   int32_t relu;
   int32_t N;
   int32_t ahead;                 // prefetch distance in channels (-1: the kernel's default)

@@ -301,8 +301,6 @@ at::Tensor conv_impl(const at::Tensor& x_in, const at::Tensor& weight, const at:
   a.sw = phases ? 1 : (int32_t)stride[1];
   a.ph = phases ? 0 : (int32_t)padding[0];
   a.pw = phases ? 0 : (int32_t)padding[1];
-  a.dh = (int32_t)dilation[0];
-  a.dw = (int32_t)dilation[1];
   for (int64_t k = 0; k < kh; ++k) {
     const int64_t r = k * dilation[0] - padding[0];
     a.tap_dy[k] = phases ? half_of(r) : (int32_t)(k * dilation[0]);
