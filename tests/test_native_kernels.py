@@ -167,6 +167,45 @@ def test_next_block_prefetch_equals_dense(isa, limit):
         native.set_prefetch_next(-2)
 
 
+@torch.no_grad()
+def test_work_schedules_agree_bitwise(isa):
+    """The guided work split (threads take shrinking runs of items; the default for group-major
+    layers) and static ranges, each forced, with 3 threads, on layers that run group-major
+    (weights over 512 KiB, groups up to 100x apart in size, as k-means leaves them) and on the
+    small cases: both equal the dense conv, and they agree bit for bit (every output value is
+    computed by one work item)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(3)
+    rng = random.Random(7)
+    try:
+        for cin, cout, k, size in ((512, 64, 3, 7), (2048, 160, 1, 9)):
+            sizes = [40, 1, 2, 5, 16] if cout == 64 else [100, 3, 1, 40, 16]
+            idx = [torch.tensor(rng.sample(range(cin), rng.randint(cin // 2, cin))) for _ in sizes]
+            ws = [torch.randn(o, len(i), k, k) for o, i in zip(sizes, idx)]
+            assert sum(w.numel() for w in ws) * 4 > 512 << 10      # the group-major path
+            oc = torch.randperm(cout)
+            bias = torch.randn(cout)
+            packed = native.pack_conv(ws, idx, oc, bias)
+            x = torch.randn(2, cin, size, size)
+            ref = F.conv2d(x, dense_weight(ws, idx, oc, cin, cout), scatter(bias, oc, cout), padding=k // 2)
+            outs = {}
+            for schedule in ("static", "guided"):
+                native.set_schedule(schedule)
+                outs[schedule] = native.conv2d(x, packed, padding=(k // 2, k // 2))
+                assert close(outs[schedule], ref), (isa, schedule, cin, cout, k)
+            assert torch.equal(outs["static"], outs["guided"]), (isa, cin, cout, k)
+        for schedule in ("static", "guided"):
+            native.set_schedule(schedule)
+            assert_cases_equal_dense(isa, CASES[::4])
+    finally:
+        native.set_schedule(None)
+        torch.set_num_threads(threads)
+    with pytest.raises(ValueError, match="unknown schedule"):
+        native.set_schedule("dynamic")
+    with pytest.raises(ValueError, match="unknown knob 'nonsense'; knobs: pass_channels"):
+        torch.ops.sgdet.native_tune("nonsense", 1)
+
+
 def phase_cases():
     """Stride-2 geometries whose output rows are as wide as the phase planes ((W+1)/2): k x k
     with padding k//2 (dilation 1) or k-1 (dilation 2), even and odd maps, odd channel counts."""

@@ -58,7 +58,7 @@ import warnings
 import torch
 
 __all__ = ["available", "unavailable_reason", "isas", "isa", "set_isa", "set_pass_channels",
-           "set_prefetch_next", "set_stride2_layout",
+           "set_prefetch_next", "set_stride2_layout", "set_schedule",
            "variants", "pack_tile", "pack_conv", "conv2d", "linear"]
 
 ISAS = ("avx512", "avx2", "portable")
@@ -153,7 +153,7 @@ def set_pass_channels(channels: int | None) -> None:
     small passes to exercise the partial sums, and for tuning; results do not depend on it
     beyond float rounding order."""
     _require()
-    torch.ops.sgdet.native_set_pass_channels(int(channels or 0))
+    torch.ops.sgdet.native_tune("pass_channels", int(channels or 0))
 
 
 def set_prefetch_next(fmas: int | None) -> None:
@@ -161,7 +161,7 @@ def set_prefetch_next(fmas: int | None) -> None:
     the next pixel block's rows into L2 (None or -1: the ISA's default; 0: never). For tests,
     which force both prefetch paths, and for A/B timing; results do not depend on it."""
     _require()
-    torch.ops.sgdet.native_set_prefetch_next(-1 if fmas is None else int(fmas))
+    torch.ops.sgdet.native_tune("prefetch_next", -1 if fmas is None else int(fmas))
 
 
 def set_stride2_layout(layout: str | None) -> None:
@@ -173,7 +173,20 @@ def set_stride2_layout(layout: str | None) -> None:
     modes = {None: -1, "auto": -1, "rows": 0, "phases": 1}
     if layout not in modes:
         raise ValueError(f"unknown stride-2 layout {layout!r}: choose rows, phases or None")
-    torch.ops.sgdet.native_set_stride2(modes[layout])
+    torch.ops.sgdet.native_tune("stride2", modes[layout])
+
+
+def set_schedule(schedule: str | None) -> None:
+    """How a layer's work items are split among threads: "guided" (each thread takes the next
+    run of items, runs shrinking as work runs out, so unequal groups even out), "static" (equal
+    ranges) or None / "auto" (the default: guided for layers whose weights outgrow L2 and run
+    group by group, static for the rest). For tests, which force both, and for A/B timing;
+    results do not depend on it (each output is computed by one work item)."""
+    _require()
+    modes = {None: -1, "auto": -1, "guided": 1, "static": 0}
+    if schedule not in modes:
+        raise ValueError(f"unknown schedule {schedule!r}: choose guided, static or None")
+    torch.ops.sgdet.native_tune("schedule", modes[schedule])
 
 
 def pack_tile() -> int:
