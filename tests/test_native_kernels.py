@@ -2,7 +2,7 @@
 F.conv2d / F.linear on the dense masked weight for every ISA this CPU runs and every tile
 variant (kernel sizes 1-7, stride 1-2, padding, dilation, odd maps, one-filter and input-less
 groups, overlapping index lists, permuted outputs, folded BN, residual, ReLU), also in forced
-small channel passes; ISA forcing and
+small channel passes, with each prefetch path and work split forced; ISA forcing and
 refusal; torch.compile, torch.export and torch.jit.trace see the op."""
 from __future__ import annotations
 
@@ -165,6 +165,28 @@ def test_next_block_prefetch_equals_dense(isa, limit):
         native.set_prefetch_next(None)
     with pytest.raises(ValueError, match="next-block prefetch"):
         native.set_prefetch_next(-2)
+
+
+@torch.no_grad()
+@pytest.mark.parametrize("blocks", [0, 3])
+def test_store_prefetch_equals_dense(isa, blocks):
+    """The store's prefetch of a later block's output and residual pixels (on by default on
+    AVX2 only) forced off and on, 3 blocks ahead, on every ISA: the same sums, residual and ReLU
+    included, and the same bits as the ISA's default."""
+    cases = CASES[::2]
+    native.set_store_prefetch(blocks)
+    try:
+        assert_cases_equal_dense(isa, cases)
+        ws, idx, oc = random_layer(random.Random(5), 40, 50, 3)
+        packed = native.pack_conv(ws, idx, oc, torch.randn(50))
+        x, res = torch.randn(2, 40, 23, 23), torch.randn(2, 50, 23, 23)
+        forced = native.conv2d(x, packed, padding=(1, 1), relu=True, residual=res)
+        native.set_store_prefetch(None)
+        assert torch.equal(forced, native.conv2d(x, packed, padding=(1, 1), relu=True, residual=res))
+    finally:
+        native.set_store_prefetch(None)
+    with pytest.raises(ValueError, match="blocks ahead the store prefetches"):
+        native.set_store_prefetch(-2)
 
 
 @torch.no_grad()

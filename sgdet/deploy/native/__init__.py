@@ -58,7 +58,7 @@ import warnings
 import torch
 
 __all__ = ["available", "unavailable_reason", "isas", "isa", "set_isa", "set_pass_channels",
-           "set_prefetch_next", "set_stride2_layout", "set_schedule",
+           "set_prefetch_next", "set_store_prefetch", "set_stride2_layout", "set_schedule",
            "variants", "pack_tile", "pack_conv", "conv2d", "linear"]
 
 ISAS = ("avx512", "avx2", "portable")
@@ -162,6 +162,15 @@ def set_prefetch_next(fmas: int | None) -> None:
     which force both prefetch paths, and for A/B timing; results do not depend on it."""
     _require()
     torch.ops.sgdet.native_tune("prefetch_next", -1 if fmas is None else int(fmas))
+
+
+def set_store_prefetch(blocks: int | None) -> None:
+    """How many pixel blocks ahead the kernel's store prefetches each filter's output and
+    residual pixels (None or -1: the ISA's default, 1 on AVX2, off elsewhere as unmeasured; 0:
+    never). A block writes one plane per output channel, more streams than a CPU's prefetcher
+    follows. For tests, which force both paths, and for A/B timing; results do not depend on it."""
+    _require()
+    torch.ops.sgdet.native_tune("store_prefetch", -1 if blocks is None else int(blocks))
 
 
 def set_stride2_layout(layout: str | None) -> None:

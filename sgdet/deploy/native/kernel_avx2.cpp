@@ -29,6 +29,7 @@ struct Avx2 {
   static constexpr int kPrefetchFmas = 384;   // FMAs between a prefetch and its use
   static constexpr bool kPrefetchColdOnly = true;   // Zen 3: -5 % to +20 % per layer, median +5 %
   static constexpr int kPrefetchNextFmas = 1536;   // next block prefetched at <= this many FMAs per tap
+  static constexpr int kStorePrefetchBlocks = 1;   // Zen 3: 1 block best of 1/2/4/8 (notes)
   using V = __m256;
   using M = __m256i;
   using I = __m256i;

@@ -31,6 +31,7 @@ struct Avx512 {
   static constexpr int kPrefetchFmas = 384;   // FMAs between a prefetch and its use
   static constexpr bool kPrefetchColdOnly = false;  // unmeasured on AVX-512: unchanged
   static constexpr int kPrefetchNextFmas = 0;   // unmeasured on AVX-512: off
+  static constexpr int kStorePrefetchBlocks = 0;   // unmeasured on AVX-512: off
   using V = __m512;
   using M = __mmask16;
   using I = __m512i;

@@ -18,6 +18,7 @@ struct Portable {
   static constexpr int kPrefetchFmas = 256;   // FMAs between a prefetch and its use
   static constexpr bool kPrefetchColdOnly = false;  // unmeasured: unchanged
   static constexpr int kPrefetchNextFmas = 0;   // unmeasured: off
+  static constexpr int kStorePrefetchBlocks = 0;   // unmeasured: off
   // GCC / Clang vector extensions: lowered to SSE pairs on x86-64, NEON on arm64
   typedef float V __attribute__((vector_size(32)));
   typedef int32_t I __attribute__((vector_size(32)));

@@ -79,8 +79,9 @@ Knob g_knobs[] = {
     {"prefetch_next", -1, -1, kNoLimit, "next-block prefetch limit in FMAs (-1: the ISA's default)"},
     {"stride2", -1, -1, 1, "stride-2 layout (-1: automatic, 0: strided rows, 1: phase planes)"},
     {"schedule", -1, -1, 1, "work split (-1: automatic, 0: static ranges, 1: guided runs)"},
+    {"store_prefetch", -1, -1, 64, "blocks ahead the store prefetches (-1: the ISA's default, 0: off)"},
 };
-enum KnobId { kPassChannels, kPrefetchNext, kStride2, kSchedule };
+enum KnobId { kPassChannels, kPrefetchNext, kStride2, kSchedule, kStorePrefetch };
 int64_t knob(KnobId id) { return g_knobs[id].value.load(std::memory_order_relaxed); }
 
 int64_t current_isa() {
@@ -330,6 +331,7 @@ at::Tensor conv_impl(const at::Tensor& x_in, const at::Tensor& weight, const at:
   a.N = (int32_t)N;
   a.ahead = -1;
   a.next_fmas = (int32_t)knob(kPrefetchNext);
+  a.store_ahead = (int32_t)knob(kStorePrefetch);
 
   /* Vector layout (kernel.h): flat runs when stride 1 keeps the row width; rows for stride
      width 2 unless most lanes of a row's last vector would idle (Wo = 7 on 16 lanes); gathers
