@@ -302,7 +302,7 @@ __attribute__((always_inline)) inline void channels(const ConvArgs& a, const Blo
 // prefetched here: a block writes every output channel, one plane per channel, far more streams
 // than the hardware prefetcher follows, so without it each store and residual load of a large
 // map waits on memory (AVX2, Zen 3, ResNet50 Conv-60 batch 8: 1x1 expansion convs 1.06-2.0x,
-// the whole network 1.10x; see native_speed_notes.md).
+// the whole network 1.10-1.15x; see native_speed_notes.md).
 template <class A, int TF, int PV>
 inline void store(const ConvArgs& a, const Block<A, PV>& b, const Job& t,
                   typename A::V (&acc)[TF][PV]) {
