@@ -1,6 +1,7 @@
 """Tests the dense parts of a fast-deployed model (sgdet.deploy.dense_parts): a dense conv with its
 BN folded in equals conv + BN in eval mode, follows weight and statistic changes, trains as the
-plain pair; the channels_last max-pool equals nn.MaxPool2d; optimize() folds the stems and
+plain pair; the channels_last max-pool equals nn.MaxPool2d, at a stem and elsewhere; optimize()
+folds the stems and
 shortcuts of ResNets and DenseNets, the outputs stay those of the masked model, and checkpoints
 keep the new modules."""
 from __future__ import annotations
@@ -13,7 +14,7 @@ from torch import nn
 
 import sgdet
 from sgdet.deploy import ChannelsLastMaxPool2d, FoldedBatchNorm2d, FoldedConv2d
-from sgdet.deploy.dense_parts import fold_dense_convs, pool_stems_channels_last
+from sgdet.deploy.dense_parts import fold_dense_convs, pool_stems_channels_last, pools_channels_last
 from sgdet.deploy.optimize import capture_inputs, optimize
 from sgdet.deploy.patterns import dense_conv_bn_pairs, stem_pools
 
@@ -96,6 +97,44 @@ def test_channels_last_stem_is_exact(build):
     assert len(moved) == 1 and isinstance(model.get_submodule(moved[0]), ChannelsLastMaxPool2d)
     with torch.no_grad():
         assert_same_output(model(x), reference(x))
+
+
+def test_plain_max_pools_move_to_channels_last(tmp_path):
+    """Max-pools outside a stem (LeNet-5's, after convs without BN) run in channels_last,
+    converted in and out, where timed faster (forced here by a margin of -100: the transform is
+    under test); the outputs stay the same, a pool returning indices or with no captured input
+    is left alone, and a deployed checkpoint keeps the moved pools."""
+    torch.manual_seed(0)
+    model = sgdet.build("lenet5")
+    sgdet.compress(model, conv_ratio=0.8, fc_ratio=0.8, groups=4, step=None)
+    fast = sgdet.deploy(model.eval()).eval()
+    x = torch.randn(3, 1, 28, 28)
+    with torch.no_grad():
+        reference = fast(x)
+    pools = capture_inputs(fast, x, (nn.MaxPool2d,))
+    assert sorted(pools) == ["features.2", "features.5"]
+    moved = pools_channels_last(fast, pools, repeats=1, margin=-100.0)
+    assert moved == ["features.2", "features.5"]
+    assert all(type(fast.get_submodule(n)) is ChannelsLastMaxPool2d for n in moved)
+    with torch.no_grad():
+        out = fast(x)
+        assert out.is_contiguous()
+        assert_same_output(out, reference)
+    path = tmp_path / "lenet.sg.pt"
+    sgdet.save(fast, path)
+    loaded = sgdet.load(path).eval()
+    assert [n for n, m in loaded.named_modules() if type(m) is ChannelsLastMaxPool2d] == moved
+    with torch.no_grad():
+        assert_same_output(loaded(x), reference)
+
+    odd = nn.Sequential(nn.MaxPool2d(3, 2, 1, ceil_mode=True), nn.MaxPool2d(2, return_indices=True))
+    y = torch.randn(2, 5, 11, 11)
+    inputs = {"0": y, "1": nn.functional.max_pool2d(y, 3, 2, 1, ceil_mode=True)}
+    assert pools_channels_last(odd, inputs, repeats=1, margin=-100.0) == ["0"]
+    assert type(odd[1]) is nn.MaxPool2d
+    assert pools_channels_last(nn.Sequential(nn.MaxPool2d(2)), {}, repeats=1, margin=-100.0) == []
+    with torch.no_grad():
+        assert_same_output(odd[0](y), nn.functional.max_pool2d(y, 3, 2, 1, ceil_mode=True))
 
 
 @pytest.mark.parametrize("build,backend", [(make_bottleneck_resnet, "torch"), (make_densenet, "torch"),

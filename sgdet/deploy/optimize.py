@@ -34,7 +34,8 @@ from ..errors import ConfigError
 from ..layers import is_sg_layer
 from .modules import (DiverseGroupConv2d, DiverseGroupLinear, FoldedBatchNorm2d, GatheredBatchNorm2d,
                       is_gathering, link_folded_norms)
-from .dense_parts import FoldedConv2d, fold_dense_convs, pool_stems_channels_last
+from .dense_parts import (ChannelsLastMaxPool2d, FoldedConv2d, fold_dense_convs, pool_stems_channels_last,
+                          pools_channels_last)
 from .fusion import fuse_blocks
 from .patterns import conv_bn_conv_chains, conv_bn_pairs, gathered_bn_pairs
 from . import native
@@ -363,6 +364,12 @@ def optimize(model: nn.Module, example_input: torch.Tensor | None = None, repeat
     if fallback is not None:
         report["verified"] = _keep_if_faster(model, fallback, example_input, repeats, margin, report,
                                              fallback_ungathered)
+    if plans and example_input is not None and example_input.device.type == "cpu":
+        # after the check: each pool is timed on its own, and either model keeps the win
+        pools = capture_inputs(model, example_input, (nn.MaxPool2d,))
+        report["channels_last_pools"] = ([n for n in report.get("channels_last_pools", [])
+                                          if isinstance(model.get_submodule(n), ChannelsLastMaxPool2d)]
+                                         + pools_channels_last(model, pools, repeats, margin))
     model.train(was_training)
     return report
 
