@@ -1,9 +1,8 @@
 """Tests the dense parts of a fast-deployed model (sgdet.deploy.dense_parts): a dense conv with its
 BN folded in equals conv + BN in eval mode, follows weight and statistic changes, trains as the
 plain pair; the channels_last max-pool equals nn.MaxPool2d, at a stem and elsewhere; optimize()
-folds the stems and
-shortcuts of ResNets and DenseNets, the outputs stay those of the masked model, and checkpoints
-keep the new modules."""
+folds the stems and shortcuts of ResNets and DenseNets, the outputs stay those of the masked
+model, and checkpoints keep the new modules."""
 from __future__ import annotations
 
 import copy

@@ -364,11 +364,14 @@ def optimize(model: nn.Module, example_input: torch.Tensor | None = None, repeat
     if fallback is not None:
         report["verified"] = _keep_if_faster(model, fallback, example_input, repeats, margin, report,
                                              fallback_ungathered)
-    if plans and example_input is not None and example_input.device.type == "cpu":
+    if report.get("channels_last_pools"):     # the check may have put the stems back
+        report["channels_last_pools"] = [n for n in report["channels_last_pools"]
+                                         if isinstance(model.get_submodule(n), ChannelsLastMaxPool2d)]
+    if (plans and example_input is not None and example_input.device.type == "cpu"
+            and any(type(m) is nn.MaxPool2d for m in model.modules())):
         # after the check: each pool is timed on its own, and either model keeps the win
         pools = capture_inputs(model, example_input, (nn.MaxPool2d,))
-        report["channels_last_pools"] = ([n for n in report.get("channels_last_pools", [])
-                                          if isinstance(model.get_submodule(n), ChannelsLastMaxPool2d)]
+        report["channels_last_pools"] = (report.get("channels_last_pools", [])
                                          + pools_channels_last(model, pools, repeats, margin))
     model.train(was_training)
     return report
