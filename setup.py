@@ -13,7 +13,7 @@ from concurrent.futures import ThreadPoolExecutor
 from setuptools import setup
 
 NATIVE = os.path.join("sgdet", "deploy", "native")
-SOURCES = ["ops.cpp", "kernel_avx512.cpp", "kernel_avx2.cpp", "kernel_portable.cpp"]
+SOURCES = ["ops.cpp", "kernel_avx512.cpp", "kernel_avx2.cpp", "kernel_portable.cpp", "norm_gather.cpp"]
 
 
 ERROR_FILE = os.path.join(NATIVE, "_build_error.txt")   # read by sgdet.deploy.native

@@ -5,6 +5,7 @@ fresh process, torch.compile / torch.export / TorchScript / ONNX see the right o
 extension deploy falls back to the torch plans (saying so) while "native" is refused."""
 from __future__ import annotations
 
+import copy
 import importlib
 import logging
 import os
@@ -204,3 +205,36 @@ def test_dense_convs_run_natively_as_one_group(compressed):
     x = torch.randn(2, 3, 32, 32)
     with torch.no_grad():
         assert_same_output(model(x), fast(x))
+
+
+@pytest.mark.parametrize("ungather", [False, True])
+def test_dense_layers_run_their_prologue_in_one_op(compressed, monkeypatch, ungather):
+    """A fused DenseNet layer does cat + norm1 + relu1 in one native op, with norm1 gathered or
+    plain, and equals the masked model; in training it runs the layer's own forward again;
+    torch.export and TorchScript carry the op."""
+    from sgdet.deploy.optimize import optimize
+    model = compressed["densenet"]
+    x = torch.randn(2, 3, 32, 32)
+    fast = sgdet.deploy(model, backend="native")
+    optimize(fast, backend="native", ungather=ungather)
+    fast.eval()
+    gathers = [getattr(m.norm1, "gathers", False) for m in fast.modules() if type(m).__name__ == "_DenseLayer"]
+    assert any(gathers) != ungather
+    calls = []
+    run = native.norm_relu_gather
+    monkeypatch.setattr(native, "norm_relu_gather", lambda *a, **k: calls.append(1) or run(*a, **k))
+    with torch.no_grad():
+        assert_same_output(model(x), fast(x))
+        layers = sum(1 for m in fast.modules() if type(m).__name__ == "_DenseLayer" and "forward" in m.__dict__)
+        assert len(calls) == layers > 0            # every fused layer (conv1 folds norm2)
+        calls.clear()
+        copy.deepcopy(fast).train()(x)     # batch statistics: the layers' own forward
+        assert not calls
+        exported = torch.export.export(fast, (x,))
+        traced = torch.jit.trace(fast, (x,), check_trace=False)
+    ops = [str(n.target) for n in exported.graph.nodes if n.op == "call_function"]
+    assert ops.count("sgdet.norm_relu_gather.default") == layers, ops
+    assert "sgdet::norm_relu_gather" in str(traced.inlined_graph)
+    with torch.no_grad():
+        assert_same_output(model(x), exported.module()(x))
+        assert_same_output(model(x), traced(x))

@@ -3,7 +3,8 @@ F.conv2d / F.linear on the dense masked weight for every ISA this CPU runs and e
 variant (kernel sizes 1-7, stride 1-2, padding, dilation, odd maps, one-filter and input-less
 groups, overlapping index lists, permuted outputs, folded BN, residual, ReLU), also in forced
 small channel passes, with each prefetch path and work split forced; ISA forcing and
-refusal; torch.compile, torch.export and torch.jit.trace see the op."""
+refusal; torch.compile, torch.export and torch.jit.trace see the op; the DenseNet prologue op
+(norm_relu_gather) equals cat + BN + ReLU."""
 from __future__ import annotations
 
 import os
@@ -397,3 +398,28 @@ def test_compile_export_and_trace(tmp_path):
     path = str(tmp_path / "tiny.pt")
     traced.save(path)
     assert torch.allclose(torch.jit.load(path)(x), ref, atol=1e-5)
+
+
+def test_norm_relu_gather_equals_cat_norm_relu():
+    """DenseNet's prologue op: reads channels straight from the list of maps (a strided slice and
+    a channels_last map among them), any index order with repeats, with and without the ReLU."""
+    torch.manual_seed(0)
+    maps = [torch.randn(3, 5, 7, 9), torch.randn(3, 8, 7, 9)[:, 2:6],
+            torch.randn(3, 2, 7, 9).contiguous(memory_format=torch.channels_last)]
+    index = torch.tensor([10, 0, 4, 4, 9, 5, 1])
+    scale, shift = torch.randn(7), torch.randn(7)
+    full = torch.cat(maps, 1)[:, index] * scale[:, None, None] + shift[:, None, None]
+    with torch.no_grad():
+        assert torch.equal(native.norm_relu_gather(maps, index, scale, shift), full.relu())
+        assert torch.equal(native.norm_relu_gather(maps, index, scale, shift, relu=False), full)
+        torch.library.opcheck(torch.ops.sgdet.norm_relu_gather.default,
+                              ([m.contiguous() for m in maps], index, scale, shift, True),
+                              test_utils=("test_schema", "test_faketensor"))
+        with pytest.raises(RuntimeError, match="channel 11 out of range for 11"):
+            native.norm_relu_gather(maps, torch.tensor([11]), scale[:1], shift[:1])
+        with pytest.raises(RuntimeError, match="one batch and size"):
+            native.norm_relu_gather([maps[0], torch.randn(2, 1, 7, 9)], index, scale, shift)
+        with pytest.raises(RuntimeError, match="index's length"):
+            native.norm_relu_gather(maps, index, scale[:3], shift)
+    with pytest.raises(RuntimeError, match="inference-only"):
+        native.norm_relu_gather([maps[0].requires_grad_()], index[:1], scale[:1], shift[:1])

@@ -1,7 +1,8 @@
 """Deployment, fast stage, block fusion: where a block's convs all run on the native kernel with
 their BatchNorms folded in, the block's ReLUs and its residual add run at the kernels' stores
 too, so no separate pass over a feature map is left (torchvision's ResNet blocks and DenseNet
-layers are built in; ``register_fused_block`` adds others).
+layers are built in; ``register_fused_block`` adds others). A fused DenseNet layer also runs its
+cat + norm1 + ReLU in one native pass (``sgdet::norm_relu_gather``).
 
 A fused block keeps its class, submodules and state-dict keys: only its instance ``forward`` is
 replaced by one that takes the fused path when every conv of it folds its BN on this call (eval
@@ -15,6 +16,7 @@ from typing import Callable
 import torch
 from torch import nn
 
+from . import native
 from .modules import DiverseGroupConv2d, FoldedBatchNorm2d, link_folded_norms
 
 # {qualified class name or class: (the (conv, bn) pairs that must all be folded, fused forward)}
@@ -41,9 +43,45 @@ def _basic_block(block: nn.Module, x: torch.Tensor) -> torch.Tensor:
     return block.conv2(out, relu=True, residual=identity)
 
 
+def _norm_operands(bn: nn.Module) -> tuple | None:
+    """(index, scale, shift) that apply an eval-mode BN (gathered or plain) as
+    ``x[:, index] * scale + shift``, cached until its tensors change; None where it normalises
+    with batch statistics."""
+    if bn.training or bn.running_mean is None or bn.running_var is None:
+        return None
+    tracing = torch.jit.is_tracing() or torch.compiler.is_compiling()   # fake tensors: no cache
+    key = None
+    if not tracing:
+        tensors = (bn.running_mean, bn.running_var, bn.weight, bn.bias)
+        key = tuple((t.data_ptr(), t._version) for t in tensors if t is not None)
+        cached = getattr(bn, "_sgdet_norm_operands", None)
+        if cached is not None and cached[0] == key:
+            return cached[1]
+    scale = torch.rsqrt(bn.running_var + bn.eps)
+    if bn.weight is not None:
+        scale = scale * bn.weight
+    shift = -bn.running_mean * scale
+    if bn.bias is not None:
+        shift = shift + bn.bias
+    index = getattr(bn, "channel_index", None)
+    if index is None:
+        index = torch.arange(bn.num_features, device=scale.device)
+    operands = (index.contiguous(), scale.float().contiguous(), shift.float().contiguous())
+    if not tracing:
+        bn._sgdet_norm_operands = (key, operands)
+    return operands
+
+
 def _dense_layer(layer: nn.Module, x) -> torch.Tensor:
-    features = torch.cat(x, 1) if isinstance(x, (list, tuple)) else x
-    out = layer.conv1(layer.relu1(layer.norm1(features)), relu=True)     # norm2 + relu2 at the store
+    features = list(x) if isinstance(x, (list, tuple)) else [x]
+    operands = None
+    if native.has_norm_relu_gather() and features[0].device.type == "cpu" and isinstance(layer.relu1, nn.ReLU):
+        operands = _norm_operands(layer.norm1)
+    if operands is not None:          # cat + norm1 + relu1 in one pass (native/norm_gather.cpp)
+        normed = native.norm_relu_gather(features, *operands)
+    else:
+        normed = layer.relu1(layer.norm1(torch.cat(features, 1)))
+    out = layer.conv1(normed, relu=True)     # norm2 + relu2 at the store
     return layer.conv2(out)              # eval mode: the layer's dropout is the identity
 
 

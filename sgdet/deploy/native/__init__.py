@@ -31,6 +31,8 @@ load a traced file after ``import sgdet.deploy.native``). Inference only: float3
 On CUDA tensors the same ops run a Triton kernel instead (``triton_kernels.py``, registered on
 first use by ``cuda.py``; float32, float16, bfloat16; the packed dict moved by ``cuda.to_device``).
 Output channels no filter writes hold zero (the residual, through the ReLU, when given).
+``norm_relu_gather`` (``torch.ops.sgdet.norm_relu_gather``, CPU only) is a DenseNet layer's
+cat + eval-mode norm1 + ReLU in one pass, used by the fused DenseNet layers (``fusion.py``).
 
 ISAs: ``avx512`` (avx512f+bw+vl), ``avx2`` (avx2+fma) and ``portable`` (any CPU), detected in
 C++; ``set_isa`` or the ``SGDET_NATIVE_ISA`` environment variable (read at import) force one;
@@ -59,7 +61,7 @@ import torch
 
 __all__ = ["available", "unavailable_reason", "isas", "isa", "set_isa", "set_pass_channels",
            "set_prefetch_next", "set_store_prefetch", "set_stride2_layout", "set_schedule",
-           "variants", "pack_tile", "pack_conv", "conv2d", "linear"]
+           "variants", "pack_tile", "pack_conv", "conv2d", "linear", "norm_relu_gather"]
 
 ISAS = ("avx512", "avx2", "portable")
 FORMAT_VERSION = 1
@@ -332,6 +334,21 @@ def linear(x, packed, relu=False, variant=0) -> torch.Tensor:
     return y.reshape(*x.shape[:-1], width)
 
 
+def has_norm_relu_gather() -> bool:
+    """Whether the CPU extension's sgdet::norm_relu_gather is loaded."""
+    return _reason is None and _has_norm_gather
+
+
+def norm_relu_gather(features, index, scale, shift, relu=True) -> torch.Tensor:
+    """relu(cat(features, 1)[:, index] * scale + shift) in one pass, without the concatenation
+    (a DenseNet layer's cat + eval-mode norm1 + relu1). ``features``: float32 CPU maps
+    [N, C_i, H, W]; ``index``: int64 channel numbers of the concatenation; ``scale``, ``shift``:
+    float32, one per index."""
+    _require(features[0])
+    _check_grad(features[0])
+    return torch.ops.sgdet.norm_relu_gather(list(features), index, scale, shift, bool(relu))
+
+
 def _register_python_side() -> None:
     """The ops' fake kernels and FLOP formulas (called once the ops exist: at import where the
     extension loaded, or by the Triton module where it defines the ops itself)."""
@@ -350,6 +367,12 @@ def _register_python_side() -> None:
         def _linear_fake(x, weight, bias, in_index, groups, out_channel, out_features, relu,
                          variant):
             return x.new_empty((x.shape[0], out_features))
+
+        if hasattr(torch.ops.sgdet, "norm_relu_gather"):   # the CPU extension's op only
+            @torch.library.register_fake("sgdet::norm_relu_gather")
+            def _norm_gather_fake(features, index, scale, shift, relu):
+                first = features[0]
+                return first.new_empty((first.shape[0], index.shape[0], first.shape[2], first.shape[3]))
     except RuntimeError:   # already registered (module reloaded)
         pass
 
@@ -381,6 +404,7 @@ def _register_flop_formulas() -> None:
         pass
 
 
+_has_norm_gather = _reason is None and hasattr(torch.ops.sgdet, "norm_relu_gather")
 if _reason is None:
     _register_python_side()
     _forced = os.environ.get("SGDET_NATIVE_ISA", "").strip()
